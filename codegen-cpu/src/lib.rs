@@ -1,0 +1,1 @@
+//! CPU code generation: fused kernel specs compiled to native SIMD through Cranelift.

@@ -1,0 +1,1 @@
+//! CUDA code generation: fused kernel specs rendered to CUDA C and compiled with NVRTC.

@@ -1,0 +1,1 @@
+//! Compiler passes over the IR: canonicalization, fusion, weight repacking, scheduling and memory planning.

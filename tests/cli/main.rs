@@ -1,0 +1,163 @@
+//! The `bitnetc` command line, run as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bitnetc(args: &[&str]) -> Output {
+    // A fixed width keeps the wrapped --help text independent of the terminal.
+    Command::new(env!("CARGO_BIN_EXE_bitnetc"))
+        .args(args)
+        .env("COLUMNS", "100")
+        .output()
+        .expect("run bitnetc")
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+#[test]
+fn inspect_describes_the_i2s_fixture() {
+    let path = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let o = bitnetc(&["inspect", path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in [
+        "gguf        version 3, alignment 32, data at byte 74240",
+        "type ids    bitnet.cpp table",
+        "architecture  bitnet-25 (relu² GLU, SubLN, NEOX RoPE, tied output head)",
+        "dims          vocab 2048, context 512, hidden 256, layers 4, ffn 768",
+        "attention     8 heads, 2 kv heads, head dim 32, rope 32 dims, theta 500000",
+        "I2_S       28 tensors",
+        "no pre-tokenizer named (bitnet.cpp then uses its DEFAULT rules)",
+        "bos 0 \"<|begin_of_text|>\", eos 1 \"<|end_of_text|>\"",
+        "tokenizer.ggml.tokens",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(
+        !out.contains("blk.0.attn_q.weight"),
+        "the tensor table needs --tensors"
+    );
+}
+
+#[test]
+fn inspect_json_and_tensor_table() {
+    let path = fixture("tiny/mainline-tiny-tq2_0.gguf");
+    let o = bitnetc(&["inspect", "--json", "--tensors", path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["config"]["architecture"], "bitnet");
+    assert_eq!(v["config"]["ffn_activation"], "silu");
+    assert_eq!(v["tensors"].as_array().unwrap().len(), 46);
+    assert_eq!(v["tensors"][2]["name"], "blk.0.ffn_down.weight");
+    assert_eq!(v["tensors"][2]["type"], "TQ2_0");
+    assert_eq!(v["tensors"][2]["nbytes"], 50688);
+    assert_eq!(v["tokenizer"]["pre"], "gpt-2");
+    let tokens = v["metadata"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["key"] == "tokenizer.ggml.tokens")
+        .unwrap();
+    assert_eq!(tokens["type"], "arr[str,2048]");
+    assert_eq!(
+        tokens["value"].as_array().unwrap().len(),
+        8,
+        "long arrays are summarized"
+    );
+    let text = bitnetc(&["inspect", "--tensors", path.to_str().unwrap()]);
+    assert_eq!(
+        stdout(&text)
+            .lines()
+            .filter(|l| l.contains("blk.") && l.contains(" TQ2_0 "))
+            .count(),
+        28
+    );
+}
+
+#[test]
+fn inspect_never_panics_on_malformed_files() {
+    let dir = fixture("malformed");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "gguf") {
+            continue;
+        }
+        let o = bitnetc(&["inspect", path.to_str().unwrap()]);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}: {}",
+            path.display(),
+            stderr(&o)
+        );
+        let err = stderr(&o);
+        assert!(
+            err.starts_with(&format!("error: {}: ", path.display())),
+            "{err}"
+        );
+        n += 1;
+    }
+    assert!(n >= 20);
+}
+
+#[test]
+fn quantize_writes_i2s_and_refuses_bad_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.gguf");
+    let input = fixture("tiny/bitnetcpp-tiny-f32.gguf");
+    let o = bitnetc(&[
+        "quantize",
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--type",
+        "i2_s",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("46 tensors: 1 F16, 17 F32, 28 I2_S"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 1_902_976);
+    // A folder that does not exist: a clear error and no file left behind.
+    let bad = dir.path().join("missing/q.gguf");
+    let o = bitnetc(&[
+        "quantize",
+        input.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--type",
+        "tq2_0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("missing/q.gguf"), "{}", stderr(&o));
+    let o = bitnetc(&[
+        "quantize",
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--type",
+        "q4_k",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "clap rejects an unknown type");
+}
+
+#[test]
+fn help_texts() {
+    for cmd in ["inspect", "quantize"] {
+        let o = bitnetc(&[cmd, "--help"]);
+        assert!(o.status.success());
+        insta::assert_snapshot!(format!("help_{cmd}"), stdout(&o));
+    }
+}

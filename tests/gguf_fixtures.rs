@@ -1,0 +1,374 @@
+//! The GGUF frontend on files written by bitnet.cpp's and llama.cpp's own converters.
+
+use bitnetc::gguf::arch::{Activation, Architecture, ModelConfig, RopeStyle};
+use bitnetc::gguf::describe::{ConfigOutcome, describe};
+use bitnetc::gguf::quantize::{QuantizeOptions, quantize};
+use bitnetc::gguf::{GgufFile, TypeTable};
+use bitnetc::ir::Encoding;
+use bitnetc::ir::encoding::{self, ternary_codes};
+use bitnetc_tests::{TINY_MODELS, fixture, shared_fixture};
+use half::f16;
+
+fn open(rel: &str) -> GgufFile {
+    GgufFile::open(fixture(rel)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The seven ternary matrices of every block of the tiny model.
+fn block_matrices(f: &GgufFile) -> Vec<String> {
+    f.tensors()
+        .iter()
+        .filter(|t| t.name.starts_with("blk.") && t.dims.len() == 2)
+        .map(|t| t.name.clone())
+        .collect()
+}
+
+#[test]
+fn tiny_models_have_the_expected_config() {
+    for rel in TINY_MODELS {
+        let f = open(rel);
+        let c = ModelConfig::from_gguf(&f).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let bitnetcpp = rel.contains("bitnetcpp");
+        assert_eq!(
+            c.architecture,
+            if bitnetcpp {
+                Architecture::Bitnet25
+            } else {
+                Architecture::Bitnet
+            },
+            "{rel}"
+        );
+        assert_eq!(
+            c.ffn_activation,
+            if bitnetcpp {
+                Activation::Relu2
+            } else {
+                Activation::Silu
+            }
+        );
+        assert_eq!(
+            (c.vocab_size, c.context_length, c.hidden, c.layers, c.ffn),
+            (2048, 512, 256, 4, 768),
+            "{rel}"
+        );
+        assert_eq!(
+            (c.heads, c.kv_heads, c.head_dim, c.rope_dims),
+            (8, 2, 32, 32),
+            "{rel}"
+        );
+        assert_eq!(c.rope_style, RopeStyle::Neox);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.rms_eps, 1e-5);
+        assert!(c.sub_norms && c.tied_output && !c.weight_scales, "{rel}");
+        assert_eq!(f.tensors().len(), 46, "{rel}");
+        // 2048·256 embedding + 4 × (2·256·256 + 2·256·64 + 3·256·768 + 3·256 + 768 norms) + 256.
+        assert_eq!(c.parameter_count(), 3_545_344, "{rel}");
+        let table = if rel.contains("i2_s") {
+            TypeTable::BitnetCpp
+        } else {
+            TypeTable::Upstream
+        };
+        assert_eq!(f.layout().type_table, table, "{rel}");
+    }
+}
+
+#[test]
+fn describe_reads_every_fixture() {
+    for rel in TINY_MODELS {
+        let f = open(rel);
+        let d = describe(&f, true);
+        assert!(matches!(d.config, ConfigOutcome::Valid(_)), "{rel}");
+        assert_eq!(d.totals.tensors, 46);
+        assert_eq!(d.totals.parameters, 3_545_344);
+        let tk = d.tokenizer.clone().expect("tiny models carry a tokenizer");
+        assert_eq!(
+            (tk.model.as_str(), tk.tokens, tk.merges),
+            ("gpt2", 2048, Some(1790)),
+            "{rel}"
+        );
+        assert_eq!(
+            tk.bos.as_ref().map(|t| (t.id, t.text.as_str())),
+            Some((0, "<|begin_of_text|>"))
+        );
+        assert_eq!(
+            tk.pre.as_deref(),
+            if rel.contains("bitnetcpp") {
+                None
+            } else {
+                Some("gpt-2")
+            }
+        );
+        assert_eq!(d.tensors.as_ref().map(Vec::len), Some(46));
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(
+            json["config"]["architecture"],
+            if rel.contains("bitnetcpp") {
+                "bitnet-25"
+            } else {
+                "bitnet"
+            }
+        );
+    }
+    let f = open("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let d = describe(&f, false);
+    let by_type: Vec<(&str, usize, u64)> = d
+        .totals
+        .by_type
+        .iter()
+        .map(|t| (t.type_name.as_str(), t.tensors, t.bytes))
+        .collect();
+    // 28 I2_S matrices: 4 × (3·49184 + 2·4128 + 2·16416) bytes.
+    assert_eq!(
+        by_type,
+        vec![
+            ("F16", 1, 1_048_576),
+            ("F32", 17, 25_600),
+            ("I2_S", 28, 754_560)
+        ]
+    );
+}
+
+#[test]
+fn smollm2_config() {
+    let Some(path) = shared_fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let f = GgufFile::open(path).unwrap();
+    let c = ModelConfig::from_gguf(&f).unwrap();
+    assert_eq!(c.architecture, Architecture::Llama);
+    assert_eq!(
+        (
+            c.vocab_size,
+            c.hidden,
+            c.layers,
+            c.heads,
+            c.kv_heads,
+            c.head_dim,
+            c.ffn
+        ),
+        (49152, 576, 30, 9, 3, 64, 1536)
+    );
+    assert_eq!(
+        (c.rope_style, c.rope_theta, c.ffn_activation),
+        (RopeStyle::Norm, 100000.0, Activation::Silu)
+    );
+    assert!(c.tied_output && !c.sub_norms);
+    let count = |ty: &str| f.tensors().iter().filter(|t| t.type_name == ty).count();
+    assert_eq!((count("Q4_1"), count("Q8_0"), count("F32")), (210, 1, 61));
+    assert_eq!(
+        f.tensor("token_embd.weight").unwrap().nbytes,
+        576 * 49152 / 32 * 34
+    );
+    let d = describe(&f, false);
+    let tk = d.tokenizer.unwrap();
+    assert_eq!(
+        (tk.pre.as_deref(), tk.tokens, tk.merges),
+        (Some("smollm"), 49152, Some(48900))
+    );
+    assert_eq!(tk.eos.map(|t| t.text), Some("<|im_end|>".to_string()));
+    // Decoding a Q4_1 and a Q8_0 tensor gives finite, plausible weights.
+    for name in ["blk.0.attn_q.weight", "token_embd.weight"] {
+        let v = f.decode(f.tensor(name).unwrap()).unwrap();
+        assert!(v.iter().all(|x| x.is_finite() && x.abs() < 100.0), "{name}");
+    }
+}
+
+#[test]
+fn i2s_decodes_to_the_f32_files_values() {
+    let f32_file = open("tiny/bitnetcpp-tiny-f32.gguf");
+    let i2s_file = open("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let names = block_matrices(&i2s_file);
+    assert_eq!(names.len(), 28);
+    for name in &names {
+        let t = i2s_file.tensor(name).unwrap();
+        assert_eq!(t.encoding(), Some(Encoding::I2S), "{name}");
+        let decoded = i2s_file.decode(t).unwrap();
+        let reference = f32_file.decode(f32_file.tensor(name).unwrap()).unwrap();
+        assert_eq!(decoded, reference, "{name}");
+    }
+    // The F16 embedding is the F32 one rounded to F16.
+    let e16 = i2s_file
+        .decode(i2s_file.tensor("token_embd.weight").unwrap())
+        .unwrap();
+    let e32 = f32_file
+        .decode(f32_file.tensor("token_embd.weight").unwrap())
+        .unwrap();
+    assert!(
+        e16.iter()
+            .zip(&e32)
+            .all(|(a, b)| *a == f16::from_f32(*b).to_f32())
+    );
+}
+
+#[test]
+fn llama_cpp_ternary_files_decode_to_the_same_pattern() {
+    let f16_file = open("tiny/mainline-tiny-f16.gguf");
+    let tq2 = open("tiny/mainline-tiny-tq2_0.gguf");
+    let tq1 = open("tiny/mainline-tiny-tq1_0.gguf");
+    let i2s = open("tiny/bitnetcpp-tiny-i2_s.gguf");
+    for name in block_matrices(&tq2) {
+        let (t2, t1) = (tq2.tensor(&name).unwrap(), tq1.tensor(&name).unwrap());
+        assert_eq!(
+            (t2.encoding(), t1.encoding()),
+            (Some(Encoding::TQ2_0), Some(Encoding::TQ1_0))
+        );
+        let c2 = ternary_codes(Encoding::TQ2_0, tq2.tensor_data(t2), t2.n_elements()).unwrap();
+        let c1 = ternary_codes(Encoding::TQ1_0, tq1.tensor_data(t1), t1.n_elements()).unwrap();
+        assert_eq!(c2, c1, "{name}: TQ2_0 and TQ1_0 differ");
+        // Both decode to exactly the values of llama.cpp's F16 file.
+        let v16 = f16_file.decode(f16_file.tensor(&name).unwrap()).unwrap();
+        assert_eq!(tq2.decode(t2).unwrap(), v16, "{name}");
+        assert_eq!(tq1.decode(t1).unwrap(), v16, "{name}");
+        // And the two converters agree on the ternary pattern of the same checkpoint.
+        let ti = i2s.tensor(&name).unwrap();
+        let ci = ternary_codes(Encoding::I2S, i2s.tensor_data(ti), ti.n_elements()).unwrap();
+        assert_eq!(
+            ci.codes, c2.codes,
+            "{name}: bitnet.cpp and llama.cpp patterns differ"
+        );
+    }
+}
+
+#[test]
+fn quantize_reproduces_bitnet_cpp_i2s_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny-i2_s.gguf");
+    let input = open("tiny/bitnetcpp-tiny-f32.gguf");
+    let opts = QuantizeOptions {
+        weights: Encoding::I2S,
+        embedding: Encoding::F16,
+    };
+    let report = quantize(&input, &out, opts, |_, _, _| {}).unwrap();
+    assert!(
+        report.tensors.iter().all(|t| t.note.is_empty()),
+        "the F32 file is already ternary"
+    );
+    let ours = GgufFile::open(&out).unwrap();
+    let theirs = open("tiny/bitnetcpp-tiny-i2_s.gguf");
+    assert_eq!(ours.file_size(), theirs.file_size());
+    assert_eq!(
+        ours.get("general.file_type"),
+        theirs.get("general.file_type")
+    );
+    assert_eq!(ours.tensors().len(), theirs.tensors().len());
+    let mut i2s = 0;
+    for t in theirs.tensors() {
+        let o = ours.tensor(&t.name).unwrap();
+        assert_eq!(
+            (o.type_name, &o.dims, o.nbytes),
+            (t.type_name, &t.dims, t.nbytes),
+            "{}",
+            t.name
+        );
+        let (a, b) = (ours.tensor_data(o), theirs.tensor_data(t));
+        if t.type_name == "I2_S" {
+            // Packed codes and the f32 scale; the 28 bytes after the scale are padding that
+            // bitnet.cpp leaves uninitialized, and that we write as zeros.
+            let n = (t.n_elements() / 4 + 4) as usize;
+            assert_eq!(a[..n], b[..n], "{}", t.name);
+            assert!(a[n..].iter().all(|&x| x == 0));
+            i2s += 1;
+        } else {
+            assert_eq!(a, b, "{}", t.name);
+        }
+    }
+    assert_eq!(i2s, 28);
+}
+
+#[test]
+fn quantize_to_tq_matches_llama_cpp_patterns_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let i2s = open("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let tq2_path = dir.path().join("tq2.gguf");
+    let back_path = dir.path().join("back.gguf");
+    let tq1_path = dir.path().join("tq1.gguf");
+    let opts = |weights| QuantizeOptions {
+        weights,
+        embedding: Encoding::F16,
+    };
+    quantize(&i2s, &tq2_path, opts(Encoding::TQ2_0), |_, _, _| {}).unwrap();
+    let tq2 = GgufFile::open(&tq2_path).unwrap();
+    quantize(&tq2, &back_path, opts(Encoding::I2S), |_, _, _| {}).unwrap();
+    let back = GgufFile::open(&back_path).unwrap();
+    quantize(
+        &open("tiny/bitnetcpp-tiny-f32.gguf"),
+        &tq1_path,
+        opts(Encoding::TQ1_0),
+        |_, _, _| {},
+    )
+    .unwrap();
+    let tq1 = GgufFile::open(&tq1_path).unwrap();
+    let mainline_tq1 = open("tiny/mainline-tiny-tq1_0.gguf");
+    for name in block_matrices(&i2s) {
+        let (a, b) = (i2s.tensor(&name).unwrap(), back.tensor(&name).unwrap());
+        // I2_S -> TQ2_0 -> I2_S is exact when the scale is representable in f16; otherwise
+        // only the codes survive, and the scale comes back rounded to f16.
+        let n = a.n_elements();
+        let scale = encoding::i2s_scale(i2s.tensor_data(a), n);
+        let back_scale = encoding::i2s_scale(back.tensor_data(b), n);
+        assert_eq!(back_scale, f16::from_f32(scale).to_f32(), "{name}");
+        let codes = |f: &GgufFile, e| {
+            let t = f.tensor(&name).unwrap();
+            ternary_codes(e, f.tensor_data(t), t.n_elements())
+                .unwrap()
+                .codes
+        };
+        assert_eq!(
+            codes(&back, Encoding::I2S),
+            codes(&i2s, Encoding::I2S),
+            "{name}"
+        );
+        // Our TQ1_0 of bitnet.cpp's F32 file has llama.cpp's TQ1_0 ternary pattern.
+        assert_eq!(
+            codes(&tq1, Encoding::TQ1_0),
+            codes(&mainline_tq1, Encoding::TQ1_0),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn non_ternary_weights_are_ternarized_with_absmean() {
+    use bitnetc::gguf::{GgufWriter, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let values: Vec<f32> = (0..256 * 64)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4)
+        .collect();
+    let norm = vec![1.0f32; 256];
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::str("bitnet-b1.58"));
+    w.add_tensor("blk.0.attn_k.weight", &[256, 64], Encoding::F32)
+        .unwrap();
+    w.add_tensor("blk.0.attn_norm.weight", &[256], Encoding::F32)
+        .unwrap();
+    let (a, b) = (
+        Encoding::F32.encode(&values).unwrap(),
+        Encoding::F32.encode(&norm).unwrap(),
+    );
+    let src = dir.path().join("f32.gguf");
+    std::fs::write(&src, w.to_bytes(&[&a, &b]).unwrap()).unwrap();
+    let out = dir.path().join("i2s.gguf");
+    let opts = QuantizeOptions {
+        weights: Encoding::I2S,
+        embedding: Encoding::F16,
+    };
+    let report = quantize(&GgufFile::open(&src).unwrap(), &out, opts, |_, _, _| {}).unwrap();
+    let notes: Vec<&str> = report.tensors.iter().map(|t| t.note.as_str()).collect();
+    assert_eq!(notes, ["ternarized (absmean)", ""]);
+    let q = GgufFile::open(&out).unwrap();
+    let k = q.tensor("blk.0.attn_k.weight").unwrap();
+    let expected = Encoding::I2S
+        .encode(&encoding::ternarize_absmean(&values))
+        .unwrap();
+    assert_eq!(q.tensor_data(k), &expected[..]);
+    // The scale is the mean absolute weight, as absmean defines it.
+    let mean = values.iter().map(|v| v.abs() as f64).sum::<f64>() / values.len() as f64;
+    let scale = encoding::i2s_scale(q.tensor_data(k), k.n_elements());
+    assert!(
+        (scale as f64 - mean).abs() < 1e-6 * mean,
+        "{scale} vs {mean}"
+    );
+    assert_eq!(
+        q.get("general.file_type"),
+        Some(bitnetc::gguf::MetaValue::U32(40))
+    );
+}
