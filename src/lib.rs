@@ -1,7 +1,55 @@
 //! bitnetc: a compiler and runtime for BitNet b1.58 (ternary-weight) language models.
 //!
-//! The stages are separate crates, re-exported here: [`gguf`] reads and writes model files,
-//! [`ir`] holds the weight encodings and their reference decoders.
+//! The stages are separate crates, re-exported here: [`gguf`] reads and writes model files and
+//! lowers them to the IR, [`ir`] holds the IR, the weight encodings and the reference
+//! interpreter, [`runtime`] runs models. [`load`] opens a GGUF model ready to run.
+
+pub mod npy;
 
 pub use bitnetc_frontend_gguf as gguf;
 pub use bitnetc_ir as ir;
+pub use bitnetc_runtime as runtime;
+
+use gguf::lower::{LowerOptions, lower};
+use gguf::{GgufError, GgufFile, ModelConfig};
+use runtime::{Engine, RuntimeError};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Any error of loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// Options for [`load`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    pub lower: LowerOptions,
+    /// KV cache size in positions; the model's training context when `None`.
+    pub context: Option<usize>,
+}
+
+/// A loaded model: its file, config and engine.
+pub struct Model {
+    pub file: Arc<GgufFile>,
+    pub config: ModelConfig,
+    pub engine: Engine,
+}
+
+/// Opens a GGUF model, validates it, lowers it and binds it to an engine.
+pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
+    let file = Arc::new(GgufFile::open(path)?);
+    let config = ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
+    let graph = lower(&file, &config, &opts.lower)?;
+    let context = opts.context.unwrap_or(config.context_length as usize);
+    let engine = Engine::new(graph, file.clone(), context)?;
+    Ok(Model {
+        file,
+        config,
+        engine,
+    })
+}

@@ -28,6 +28,72 @@ enum Command {
     Inspect(InspectArgs),
     /// Rewrite a model's block matrices as ternary weights (norms stay F32)
     Quantize(QuantizeArgs),
+    /// Lower a model and print a compilation stage
+    Compile(CompileArgs),
+    /// Evaluate token ids and write every position's logits to a .npy file
+    Logits(LogitsArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Emit {
+    /// The lowered graph, in the IR text form
+    Ir,
+}
+
+#[derive(clap::Args)]
+struct CompileArgs {
+    /// The GGUF model
+    model: PathBuf,
+    /// What to print
+    #[arg(long, value_enum, default_value = "ir")]
+    emit: Emit,
+    /// KV cache element type
+    #[arg(long, value_enum, value_name = "TYPE", default_value = "f16")]
+    kv_cache: KvCacheType,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KvCacheType {
+    #[value(name = "f16")]
+    F16,
+    #[value(name = "f32")]
+    F32,
+}
+
+impl KvCacheType {
+    fn dtype(self) -> bitnetc::ir::DType {
+        match self {
+            KvCacheType::F16 => bitnetc::ir::DType::F16,
+            KvCacheType::F32 => bitnetc::ir::DType::F32,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Mode {
+    /// All tokens in one step (prefill)
+    Batch,
+    /// One token per step through the KV cache (decode)
+    Seq,
+}
+
+#[derive(clap::Args)]
+struct LogitsArgs {
+    /// The GGUF model
+    #[arg(short = 'm', long)]
+    model: PathBuf,
+    /// Token ids, separated by spaces or commas
+    #[arg(long)]
+    tokens: String,
+    /// Output file: float32 .npy of shape [n_tokens, vocab]
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    /// How the tokens are evaluated
+    #[arg(long, value_enum, default_value = "batch")]
+    mode: Mode,
+    /// KV cache element type
+    #[arg(long, value_enum, value_name = "TYPE", default_value = "f16")]
+    kv_cache: KvCacheType,
 }
 
 #[derive(clap::Args)]
@@ -79,6 +145,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => inspect(a),
         Command::Quantize(a) => quantize_cmd(a),
+        Command::Compile(a) => compile(a),
+        Command::Logits(a) => logits(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -350,6 +418,68 @@ fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
         counts.join(", "),
         human_bytes(report.input_bytes),
         human_bytes(report.output_bytes)
+    );
+    Ok(())
+}
+
+fn load(
+    model: &std::path::Path,
+    kv_cache: KvCacheType,
+    context: Option<usize>,
+) -> Result<bitnetc::Model> {
+    let opts = bitnetc::LoadOptions {
+        lower: bitnetc::gguf::lower::LowerOptions {
+            kv_cache: kv_cache.dtype(),
+        },
+        context,
+    };
+    Ok(bitnetc::load(model, opts)?)
+}
+
+fn compile(a: CompileArgs) -> Result<()> {
+    let model = load(&a.model, a.kv_cache, None)?;
+    match a.emit {
+        Emit::Ir => print!("{}", bitnetc::ir::text::print(model.engine.graph())?),
+    }
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let tokens = a
+        .tokens
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>()
+                .map_err(|_| format!("--tokens: '{s}' is not a token id"))
+        })
+        .collect::<std::result::Result<Vec<u32>, String>>()?;
+    if tokens.is_empty() {
+        return Err("--tokens: no token ids given".into());
+    }
+    let model = load(&a.model, a.kv_cache, Some(tokens.len()))?;
+    let vocab = model.engine.vocab_size();
+    if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(format!("--tokens: id {t} is outside the vocabulary of {vocab}").into());
+    }
+    let mut session = model.engine.session();
+    let logits = match a.mode {
+        Mode::Batch => session.eval(&tokens)?,
+        Mode::Seq => {
+            let mut all = Vec::with_capacity(tokens.len() * vocab);
+            for &t in &tokens {
+                all.extend(session.eval(&[t])?);
+            }
+            all
+        }
+    };
+    bitnetc::npy::write_f32(&a.output, &[tokens.len(), vocab], &logits)
+        .map_err(|e| format!("{}: {e}", a.output.display()))?;
+    eprintln!(
+        "wrote {} ({} x {} logits)",
+        a.output.display(),
+        tokens.len(),
+        vocab
     );
     Ok(())
 }

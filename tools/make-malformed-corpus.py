@@ -99,10 +99,12 @@ case("unknown-type-id.gguf", "bad_type", gguf([ARCH], [tinfo("a", [8], 77, 0)], 
 case("retired-type-id.gguf", "bad_type", gguf([ARCH], [tinfo("a", [32], 4, 0)], F32_8 * 4))
 case("i8s-stored.gguf", "no_type_table",
      gguf([kv_str("general.architecture", "bitnet-b1.58")], [tinfo("a", [32], 37, 0)], F32_8))
-case("row-not-whole-blocks.gguf", "size_not_multiple",
+case("row-not-whole-blocks.gguf", "bad_size",
      gguf([ARCH], [tinfo("a", [48, 2], 8, 0)], b"\0" * 128))
 case("i2s-not-128-elements.gguf", "no_type_table",
      gguf([kv_str("general.architecture", "bitnet-b1.58")], [tinfo("a", [64], 36, 0)], b"\0" * 64))
+case("size-overflows.gguf", "bad_size",
+     gguf([ARCH], [tinfo("a", [1 << 62, 1], 0, 0)], F32_8))
 case("misaligned-offset.gguf", "misaligned",
      gguf([ARCH], [tinfo("a", [8], 0, 0), tinfo("b", [8], 0, 36)], F32_8 * 3))
 case("tensor-past-end.gguf", "out_of_bounds",

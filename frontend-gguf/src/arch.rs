@@ -10,6 +10,7 @@ use crate::error::ModelError;
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::types::Support;
 use bitnetc_ir::Encoding;
+pub use bitnetc_ir::{Activation, RopeStyle};
 use serde::Serialize;
 use std::fmt;
 
@@ -74,26 +75,6 @@ impl fmt::Display for Architecture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.gguf_name())
     }
-}
-
-/// How RoPE pairs the dimensions of a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RopeStyle {
-    /// Pairs `(x[i], x[i + d/2])` (GPT-NeoX; BitNet).
-    Neox,
-    /// Pairs `(x[2i], x[2i + 1])` (llama GGUFs, whose Q/K rows were permuted by the converter).
-    Norm,
-}
-
-/// The gate activation of the gated FFN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    /// `relu(x)²`
-    Relu2,
-    /// `x·sigmoid(x)`
-    Silu,
 }
 
 /// The matrices of one transformer block that may carry a `.scale` tensor (architecture `bitnet`).
@@ -167,6 +148,17 @@ impl ModelConfig {
         };
         let hidden = required("embedding_length")?;
         let layers = required("block_count")?;
+        // Every block has at least 9 tensors; this also bounds the work below on hostile files.
+        let tensors = file.tensors().len() as u64;
+        if layers.saturating_mul(9) > tensors {
+            return Err(ModelError::BadValue {
+                key: key("block_count"),
+                value: layers.to_string(),
+                reason: format!(
+                    "the file has only {tensors} tensors, too few for that many blocks"
+                ),
+            });
+        }
         let ffn = required("feed_forward_length")?;
         let heads = required("attention.head_count")?;
         let context_length = required("context_length")?;
@@ -365,8 +357,8 @@ impl ModelConfig {
         self.expected_tensors()
             .iter()
             .filter(|e| e.required || (e.name == "output.weight" && !self.tied_output))
-            .map(|e| e.dims.iter().product::<u64>())
-            .sum()
+            .map(|e| e.dims.iter().fold(1u64, |a, &d| a.saturating_mul(d)))
+            .fold(0u64, |a, n| a.saturating_add(n))
     }
 }
 

@@ -58,7 +58,7 @@ pub enum ParseErrorKind {
     #[error("tensor '{tensor}': {reason}")]
     BadType { tensor: String, reason: String },
     #[error("tensor '{tensor}': {reason}")]
-    SizeNotMultiple { tensor: String, reason: String },
+    BadSize { tensor: String, reason: String },
     #[error("tensor '{tensor}': offset {offset} is not a multiple of the alignment {alignment}")]
     Misaligned {
         tensor: String,
@@ -135,7 +135,7 @@ impl ParseErrorKind {
             ParseErrorKind::NameTooLong { .. } => "name_too_long",
             ParseErrorKind::DuplicateTensor { .. } => "duplicate_tensor",
             ParseErrorKind::BadType { .. } => "bad_type",
-            ParseErrorKind::SizeNotMultiple { .. } => "size_not_multiple",
+            ParseErrorKind::BadSize { .. } => "bad_size",
             ParseErrorKind::Misaligned { .. } => "misaligned",
             ParseErrorKind::OutOfBounds { .. } => "out_of_bounds",
             ParseErrorKind::Overlap { .. } => "overlap",

@@ -344,6 +344,24 @@ pub struct TensorInfo {
     /// Offset relative to the data section.
     pub offset: u64,
     pub nbytes: u64,
+    /// The IR shape: the dims reversed (row-major, `[N, K]` for a matrix), trailing ggml 1s
+    /// dropped.
+    #[serde(skip)]
+    pub ir_shape: Vec<u64>,
+}
+
+/// The IR (row-major) shape of ggml dims: reversed, without trailing 1s beyond the first dim.
+pub fn ir_shape(dims: &[u64]) -> Vec<u64> {
+    let mut n = dims.len();
+    while n > 1 && dims[n - 1] == 1 {
+        n -= 1;
+    }
+    let mut v: Vec<u64> = dims[..n].to_vec();
+    if v.is_empty() {
+        v.push(1);
+    }
+    v.reverse();
+    v
 }
 
 impl TensorInfo {
@@ -829,7 +847,7 @@ pub fn parse(b: &[u8]) -> Result<Layout, ParseError> {
         }
         let nbytes = types::byte_size(&ty, &t.dims).map_err(|reason| ParseError {
             offset: t.at as u64,
-            kind: ParseErrorKind::SizeNotMultiple {
+            kind: ParseErrorKind::BadSize {
                 tensor: t.name.clone(),
                 reason,
             },
@@ -866,6 +884,7 @@ pub fn parse(b: &[u8]) -> Result<Layout, ParseError> {
             ggml_type: ty,
             offset: t.offset,
             nbytes,
+            ir_shape: ir_shape(&t.dims),
         });
     }
     for w in order.windows(2) {
@@ -1126,5 +1145,16 @@ impl GgufFile {
             path: self.path.clone(),
             source: Box::new(source),
         }
+    }
+}
+
+impl bitnetc_ir::interp::WeightSource for GgufFile {
+    fn weight(&self, name: &str) -> Option<bitnetc_ir::interp::WeightRef<'_>> {
+        let t = self.tensor(name)?;
+        Some(bitnetc_ir::interp::WeightRef {
+            encoding: t.encoding()?,
+            shape: &t.ir_shape,
+            bytes: self.tensor_data(t),
+        })
     }
 }

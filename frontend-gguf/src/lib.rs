@@ -6,6 +6,7 @@ pub mod arch;
 pub mod describe;
 pub mod error;
 pub mod gguf;
+pub mod lower;
 pub mod quantize;
 pub mod synth;
 pub mod tokenizer;

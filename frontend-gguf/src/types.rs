@@ -184,6 +184,10 @@ pub fn lookup(table: TypeTable, id: u32) -> Result<GgmlType, String> {
     ))
 }
 
+fn overflow(ty: &GgmlType) -> String {
+    format!("its size in {} does not fit in 64 bits", ty.name)
+}
+
 /// A tensor's byte size under a type, or why its dims do not fit the type.
 pub fn byte_size(ty: &GgmlType, dims: &[u64]) -> Result<u64, String> {
     let ne0 = dims.first().copied().unwrap_or(1);
@@ -196,7 +200,9 @@ pub fn byte_size(ty: &GgmlType, dims: &[u64]) -> Result<u64, String> {
                     ty.name
                 ));
             }
-            Ok(n / elems as u64 * bytes as u64)
+            (n / elems as u64)
+                .checked_mul(bytes as u64)
+                .ok_or_else(|| overflow(ty))
         }
         SizeRule::QuarterPlus32 => {
             if !n.is_multiple_of(128) {
@@ -214,8 +220,9 @@ pub fn byte_size(ty: &GgmlType, dims: &[u64]) -> Result<u64, String> {
                     "TL2 needs rows of at least 256 elements, got {ne0}"
                 ));
             }
+            let (ne0, ne1) = (ne0 as u128, ne1 as u128);
             let t = (ne0 - 256) * ne1 / 3 * 5 / 8 + 256 * ne1 / 2 * 4 / 8;
-            Ok(t.div_ceil(32) * 32 + 32)
+            u64::try_from(t.div_ceil(32) * 32 + 32).map_err(|_| overflow(ty))
         }
     }
 }

@@ -47,6 +47,8 @@ pub enum EncodingError {
         n: u64,
         block: usize,
     },
+    #[error("{n} elements of {encoding} do not fit in 64-bit byte counts")]
+    TooLarge { encoding: Encoding, n: u64 },
     #[error("{encoding} data for {n} elements must be {expected} bytes, got {actual}")]
     ByteLength {
         encoding: Encoding,
@@ -151,11 +153,15 @@ impl Encoding {
                 block: block as usize,
             });
         }
-        let body = (n / block) * self.block_bytes() as u64;
-        Ok(match self {
-            Encoding::I2S => body + I2S_TRAILER_BYTES as u64,
-            _ => body,
-        })
+        let extra = if self == Encoding::I2S {
+            I2S_TRAILER_BYTES as u64
+        } else {
+            0
+        };
+        (n / block)
+            .checked_mul(self.block_bytes() as u64)
+            .and_then(|b| b.checked_add(extra))
+            .ok_or(EncodingError::TooLarge { encoding: self, n })
     }
 
     fn check_len(self, data: &[u8], n: u64) -> Result<(), EncodingError> {

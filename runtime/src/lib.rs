@@ -1,1 +1,123 @@
-//! The runtime: loads a compiled plan and its weights, and runs sessions with a KV cache.
+//! The runtime: an [`Engine`] holds a model's graph and weights; a [`Session`] holds one
+//! sequence's KV cache and position and evaluates tokens through it (prefill with many tokens,
+//! decode with one).
+
+use bitnetc_ir::interp::{self, Inputs, InterpError, KvCache, WeightSource};
+use bitnetc_ir::{Graph, IrError};
+use std::sync::Arc;
+
+/// What went wrong running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Interp(#[from] InterpError),
+    #[error("the graph is invalid: {0}")]
+    Graph(#[from] IrError),
+    #[error("the graph has no `logits` output")]
+    NoLogits,
+    #[error("no tokens to evaluate")]
+    Empty,
+}
+
+/// A model ready to run: its forward graph and its weights.
+pub struct Engine {
+    graph: Graph,
+    weights: Arc<dyn WeightSource + Send + Sync>,
+    vocab: usize,
+    context: usize,
+}
+
+impl Engine {
+    /// Checks the graph and binds it to its weights. `context` is the KV cache size of each
+    /// session, in positions.
+    pub fn new(
+        graph: Graph,
+        weights: Arc<dyn WeightSource + Send + Sync>,
+        context: usize,
+    ) -> Result<Engine, RuntimeError> {
+        bitnetc_ir::verify::verify(&graph)?;
+        let (_, logits) = graph
+            .outputs()
+            .into_iter()
+            .find(|(n, _)| n == "logits")
+            .ok_or(RuntimeError::NoLogits)?;
+        let vocab = graph
+            .ty(logits)
+            .shape
+            .last()
+            .and_then(|d| d.fixed())
+            .ok_or(RuntimeError::NoLogits)? as usize;
+        Ok(Engine {
+            graph,
+            weights,
+            vocab,
+            context,
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// A new, empty sequence.
+    pub fn session(&self) -> Session<'_> {
+        Session {
+            engine: self,
+            kv: KvCache::new(self.context),
+        }
+    }
+}
+
+/// One sequence: its KV cache and position.
+pub struct Session<'e> {
+    engine: &'e Engine,
+    kv: KvCache,
+}
+
+impl Session<'_> {
+    /// Positions evaluated so far.
+    pub fn position(&self) -> usize {
+        self.kv.len()
+    }
+
+    /// Evaluates `tokens` after the cached positions; returns their logits, `tokens.len()`
+    /// rows of `vocab_size` values.
+    pub fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        if tokens.is_empty() {
+            return Err(RuntimeError::Empty);
+        }
+        let start = self.kv.len() as i32;
+        let ids: Vec<i32> = tokens
+            .iter()
+            .map(|&t| t.min(i32::MAX as u32) as i32)
+            .collect();
+        let positions: Vec<i32> = (0..tokens.len() as i32).map(|i| start + i).collect();
+        let mut out = interp::run(
+            &self.engine.graph,
+            self.engine.weights.as_ref(),
+            Inputs {
+                tokens: &ids,
+                positions: &positions,
+            },
+            &mut self.kv,
+        )?;
+        let logits = out.remove("logits").ok_or(RuntimeError::NoLogits)?;
+        Ok(match logits.data {
+            interp::Data::F32(v) => v,
+            _ => return Err(RuntimeError::NoLogits),
+        })
+    }
+
+    /// Forgets the sequence.
+    pub fn reset(&mut self) {
+        self.kv.clear();
+    }
+}

@@ -155,9 +155,94 @@ fn quantize_writes_i2s_and_refuses_bad_output() {
 
 #[test]
 fn help_texts() {
-    for cmd in ["inspect", "quantize"] {
+    for cmd in ["inspect", "quantize", "compile", "logits"] {
         let o = bitnetc(&[cmd, "--help"]);
         assert!(o.status.success());
         insta::assert_snapshot!(format!("help_{cmd}"), stdout(&o));
     }
+}
+
+#[test]
+fn compile_emits_ir_that_parses_back() {
+    let path = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let o = bitnetc(&["compile", path.to_str().unwrap(), "--emit", "ir"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.starts_with("%0 = input \"tokens\" : i32[T]\n"),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" = kv_append ")).count(),
+        4
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" = tmatmul ")).count(),
+        28
+    );
+    let g = bitnetc::ir::text::parse(&text).unwrap();
+    bitnetc::ir::verify::verify(&g).unwrap();
+    assert_eq!(bitnetc::ir::text::print(&g).unwrap(), text);
+}
+
+#[test]
+fn logits_writes_the_reference_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.npy");
+    let model = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let tokens = "0 370 1768 318 76 291 83 1486 294 80 89 1593 468 1454 947 272";
+    for mode in ["batch", "seq"] {
+        let o = bitnetc(&[
+            "logits",
+            "-m",
+            model.to_str().unwrap(),
+            "--tokens",
+            tokens,
+            "-o",
+            out.to_str().unwrap(),
+            "--mode",
+            mode,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let ours = bitnetc::npy::read_f32(&out).unwrap();
+        let reference =
+            bitnetc::npy::read_f32(&fixture(&format!("tiny/ref/bitnetcpp-i2_s.{mode}.npy")))
+                .unwrap();
+        assert_eq!(ours.shape, vec![16, 2048]);
+        let max = ours
+            .data
+            .iter()
+            .zip(&reference.data)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(max <= 1e-5, "{mode}: {max}");
+    }
+    let o = bitnetc(&[
+        "logits",
+        "-m",
+        model.to_str().unwrap(),
+        "--tokens",
+        "0 99999",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("id 99999 is outside the vocabulary of 2048"),
+        "{}",
+        stderr(&o)
+    );
+    let o = bitnetc(&[
+        "logits",
+        "-m",
+        model.to_str().unwrap(),
+        "--tokens",
+        "0 x",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&o).contains("'x' is not a token id"),
+        "{}",
+        stderr(&o)
+    );
 }

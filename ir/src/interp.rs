@@ -1,0 +1,663 @@
+//! The reference interpreter: the executable meaning of every op.
+//!
+//! It runs a graph for `T` tokens after `P` cached positions, reading weights in their stored
+//! encodings. Integer paths are exact; float steps follow the reference engines' operation
+//! order (see [`crate::numerics`]), except that float dot products are accumulated in f64 and
+//! rounded once, where the engines use SIMD lanes in f32.
+
+use crate::encoding::{Encoding, QK_K, i2s_scale};
+use crate::graph::{Graph, IrError, Value};
+use crate::numerics::{self, Lanes8};
+use crate::op::Op;
+use crate::types::{Activation, DType, DotPath, RopeStyle};
+use half::f16;
+use std::collections::HashMap;
+
+/// A weight as stored: encoding, IR shape (`[N, K]` for matrices) and bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightRef<'a> {
+    pub encoding: Encoding,
+    pub shape: &'a [u64],
+    pub bytes: &'a [u8],
+}
+
+/// Where the interpreter finds weights by name.
+pub trait WeightSource {
+    fn weight(&self, name: &str) -> Option<WeightRef<'_>>;
+}
+
+/// A dense tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    I8(Vec<i8>),
+    I32(Vec<i32>),
+}
+
+impl Tensor {
+    pub fn f32(shape: Vec<usize>, v: Vec<f32>) -> Tensor {
+        Tensor {
+            shape,
+            data: Data::F32(v),
+        }
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// What went wrong running a graph.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InterpError {
+    #[error(transparent)]
+    Graph(#[from] IrError),
+    #[error("weight '{0}' is not in the model")]
+    MissingWeight(String),
+    #[error(
+        "weight '{name}' is {found} {found_shape:?} in the model, but the graph expects {expected}"
+    )]
+    WeightType {
+        name: String,
+        expected: String,
+        found: Encoding,
+        found_shape: Vec<u64>,
+    },
+    #[error("input '{0}' was not given")]
+    MissingInput(String),
+    #[error("input '{name}' has {got} values, expected one per token ({expected})")]
+    InputLength {
+        name: String,
+        got: usize,
+        expected: usize,
+    },
+    #[error("token id {id} at position {index} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: i32, index: usize, vocab: usize },
+    #[error("the KV cache holds {capacity} positions; {cached} cached + {tokens} new do not fit")]
+    CacheFull {
+        capacity: usize,
+        cached: usize,
+        tokens: usize,
+    },
+    #[error("{op}: {message}")]
+    Op { op: &'static str, message: String },
+}
+
+/// The per-layer K and V history of one sequence.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    capacity: usize,
+    len: usize,
+    /// Per layer: K and V, `capacity × G × D` each, in the cache dtype (f16 kept as bits).
+    layers: HashMap<u32, (CacheBuf, CacheBuf)>,
+}
+
+#[derive(Clone, Debug)]
+enum CacheBuf {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl CacheBuf {
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            CacheBuf::F16(v) => v[i].to_f32(),
+            CacheBuf::F32(v) => v[i],
+        }
+    }
+
+    fn set(&mut self, i: usize, x: f32) {
+        match self {
+            CacheBuf::F16(v) => v[i] = f16::from_f32(x),
+            CacheBuf::F32(v) => v[i] = x,
+        }
+    }
+}
+
+impl KvCache {
+    /// An empty cache for up to `capacity` positions.
+    pub fn new(capacity: usize) -> KvCache {
+        KvCache {
+            capacity,
+            len: 0,
+            layers: HashMap::new(),
+        }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every position.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// The inputs of one step.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    pub tokens: &'a [i32],
+    pub positions: &'a [i32],
+}
+
+/// Runs `graph` for `inputs.tokens.len()` tokens after the cached positions of `kv`, appending
+/// this step's keys and values to `kv`. Returns every graph output by name.
+pub fn run(
+    graph: &Graph,
+    weights: &dyn WeightSource,
+    inputs: Inputs<'_>,
+    kv: &mut KvCache,
+) -> Result<HashMap<String, Tensor>, InterpError> {
+    let t = inputs.tokens.len();
+    let p = kv.len;
+    if p + t > kv.capacity {
+        return Err(InterpError::CacheFull {
+            capacity: kv.capacity,
+            cached: p,
+            tokens: t,
+        });
+    }
+    if inputs.positions.len() != t {
+        return Err(InterpError::InputLength {
+            name: "positions".into(),
+            got: inputs.positions.len(),
+            expected: t,
+        });
+    }
+    let order = graph.order()?;
+    // How many more times each value is read, so that dead values are freed.
+    let mut remaining: HashMap<Value, usize> = HashMap::new();
+    for &id in &order {
+        for v in &graph.node(id).operands {
+            *remaining.entry(*v).or_default() += 1;
+        }
+    }
+    let mut env: HashMap<Value, Tensor> = HashMap::new();
+    let mut outputs = HashMap::new();
+    let mut wrote_cache = false;
+    for id in order {
+        let node = graph.node(id);
+        let shapes: Vec<Vec<usize>> = node.results.iter().map(|r| r.eval_shape(t, p)).collect();
+        // Weights are read through `weight_of`, not from the environment.
+        static WEIGHT: Tensor = Tensor {
+            shape: Vec::new(),
+            data: Data::F32(Vec::new()),
+        };
+        let args: Vec<&Tensor> = node
+            .operands
+            .iter()
+            .map(|v| env.get(v).unwrap_or(&WEIGHT))
+            .collect();
+        let err = |message: String| InterpError::Op {
+            op: node.op.name(),
+            message,
+        };
+        let results: Vec<Tensor> = match &node.op {
+            Op::Input { name } => {
+                let v = match name.as_str() {
+                    "tokens" => inputs.tokens,
+                    "positions" => inputs.positions,
+                    _ => return Err(InterpError::MissingInput(name.clone())),
+                };
+                vec![Tensor {
+                    shape: vec![t],
+                    data: Data::I32(v.to_vec()),
+                }]
+            }
+            Op::Weight { .. } => Vec::new(),
+            Op::Output { name } => {
+                outputs.insert(name.clone(), args[0].clone());
+                Vec::new()
+            }
+            Op::Embed => {
+                let w = weight_of(graph, weights, node.operands[1])?;
+                let (vocab, h) = (w.shape[0] as usize, w.shape[1] as usize);
+                let ids = i32s(args[0]);
+                let mut out = vec![0.0f32; t * h];
+                for (i, &id) in ids.iter().enumerate() {
+                    if id < 0 || id as usize >= vocab {
+                        return Err(InterpError::TokenOutOfRange {
+                            id,
+                            index: i,
+                            vocab,
+                        });
+                    }
+                    w.encoding
+                        .decode_range(
+                            w.bytes,
+                            (vocab * h) as u64,
+                            (id as usize * h) as u64,
+                            &mut out[i * h..(i + 1) * h],
+                        )
+                        .map_err(|e| err(e.to_string()))?;
+                }
+                vec![Tensor::f32(shapes[0].clone(), out)]
+            }
+            Op::RmsNorm { eps } => {
+                let x = f32s(args[0]);
+                let gain = float_weight(graph, weights, node.operands[1])?;
+                let n = gain.len();
+                let mut y = vec![0.0f32; x.len()];
+                for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+                    numerics::rms_norm(xr, &gain, *eps, yr);
+                }
+                vec![Tensor::f32(shapes[0].clone(), y)]
+            }
+            Op::QuantAct => {
+                let x = f32s(args[0]);
+                let k = shapes[0][1];
+                let mut q = vec![0i8; x.len()];
+                let mut s = vec![0.0f32; t];
+                for ((xr, qr), s) in x
+                    .chunks_exact(k)
+                    .zip(q.chunks_exact_mut(k))
+                    .zip(s.iter_mut())
+                {
+                    *s = numerics::quant_act_i8(xr, qr);
+                }
+                vec![
+                    Tensor {
+                        shape: shapes[0].clone(),
+                        data: Data::I8(q),
+                    },
+                    Tensor::f32(shapes[1].clone(), s),
+                ]
+            }
+            Op::TMatmul => {
+                let w = weight_of(graph, weights, node.operands[2])?;
+                let (q, s) = (i8s(args[0]), f32s(args[1]));
+                vec![Tensor::f32(
+                    shapes[0].clone(),
+                    tmatmul(q, s, w).map_err(err)?,
+                )]
+            }
+            Op::Matmul { half } => {
+                let w = weight_of(graph, weights, node.operands[1])?;
+                let y = matmul(f32s(args[0]), w, half.path(t)).map_err(err)?;
+                vec![Tensor::f32(shapes[0].clone(), y)]
+            }
+            Op::Mul | Op::Add => {
+                let (a, b) = (f32s(args[0]), f32s(args[1]));
+                let mul = matches!(node.op, Op::Mul);
+                let y = a
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| {
+                        let y = if b.len() == 1 { b[0] } else { b[i] };
+                        if mul { x * y } else { x + y }
+                    })
+                    .collect();
+                vec![Tensor::f32(shapes[0].clone(), y)]
+            }
+            Op::Act { act } => {
+                let f = match act {
+                    Activation::Silu => numerics::silu,
+                    Activation::Relu2 => numerics::relu2,
+                };
+                vec![Tensor::f32(
+                    shapes[0].clone(),
+                    f32s(args[0]).iter().map(|&x| f(x)).collect(),
+                )]
+            }
+            Op::Reshape { .. } => vec![Tensor::f32(shapes[0].clone(), f32s(args[0]).to_vec())],
+            Op::Rope { theta, style, dims } => {
+                let mut x = f32s(args[0]).to_vec();
+                let (heads, d) = (shapes[0][1], shapes[0][2]);
+                for (tok, &pos) in i32s(args[1]).iter().enumerate() {
+                    let cache = numerics::rope_cache(pos, *theta, *dims as usize);
+                    for h in 0..heads {
+                        let at = (tok * heads + h) * d;
+                        numerics::rope_head(&mut x[at..at + d], &cache, *style == RopeStyle::Neox);
+                    }
+                }
+                vec![Tensor::f32(shapes[0].clone(), x)]
+            }
+            Op::KvAppend { layer, cache } => {
+                let (g, d) = (shapes[0][1], shapes[0][2]);
+                let cap = kv.capacity * g * d;
+                let entry = kv.layers.entry(*layer).or_insert_with(|| match cache {
+                    DType::F16 => (
+                        CacheBuf::F16(vec![f16::ZERO; cap]),
+                        CacheBuf::F16(vec![f16::ZERO; cap]),
+                    ),
+                    _ => (CacheBuf::F32(vec![0.0; cap]), CacheBuf::F32(vec![0.0; cap])),
+                });
+                let (k, v) = (f32s(args[0]), f32s(args[1]));
+                for (i, (&kx, &vx)) in k.iter().zip(v).enumerate() {
+                    entry.0.set(p * g * d + i, kx);
+                    entry.1.set(p * g * d + i, vx);
+                }
+                wrote_cache = true;
+                let read =
+                    |b: &CacheBuf| (0..(p + t) * g * d).map(|i| b.get(i)).collect::<Vec<f32>>();
+                vec![
+                    Tensor::f32(shapes[0].clone(), read(&entry.0)),
+                    Tensor::f32(shapes[1].clone(), read(&entry.1)),
+                ]
+            }
+            Op::Attention { scale, kq, kqv } => {
+                // An f32 cache has no half-precision dot products.
+                let f16_cache = matches!(graph.ty(node.operands[1]).dtype, DType::F16);
+                let paths = if f16_cache {
+                    (kq.path(t), kqv.path(t))
+                } else {
+                    (DotPath::F32, DotPath::F32)
+                };
+                let out = attention(
+                    f32s(args[0]),
+                    f32s(args[1]),
+                    f32s(args[2]),
+                    &shapes[0],
+                    p,
+                    *scale,
+                    paths,
+                );
+                vec![Tensor::f32(shapes[0].clone(), out)]
+            }
+        };
+        for v in &node.operands {
+            let r = remaining.get_mut(v).expect("counted");
+            *r -= 1;
+            if *r == 0 {
+                env.remove(v);
+            }
+        }
+        for (i, r) in results.into_iter().enumerate() {
+            let v = Value {
+                node: id,
+                index: i as u32,
+            };
+            if remaining.get(&v).copied().unwrap_or(0) > 0 {
+                env.insert(v, r);
+            }
+        }
+    }
+    if wrote_cache {
+        kv.len = p + t;
+    }
+    Ok(outputs)
+}
+
+fn f32s(t: &Tensor) -> &[f32] {
+    match &t.data {
+        Data::F32(v) => v,
+        _ => unreachable!("verified graphs give f32 operands here"),
+    }
+}
+
+fn i8s(t: &Tensor) -> &[i8] {
+    match &t.data {
+        Data::I8(v) => v,
+        _ => unreachable!("verified graphs give i8 operands here"),
+    }
+}
+
+fn i32s(t: &Tensor) -> &[i32] {
+    match &t.data {
+        Data::I32(v) => v,
+        _ => unreachable!("verified graphs give i32 operands here"),
+    }
+}
+
+/// The weight behind a `weight` value, checked against the graph's type for it.
+fn weight_of<'w>(
+    graph: &Graph,
+    weights: &'w dyn WeightSource,
+    v: Value,
+) -> Result<WeightRef<'w>, InterpError> {
+    let Op::Weight { name } = &graph.node(v.node).op else {
+        return Err(InterpError::Op {
+            op: "weight",
+            message: "operand is not a weight".into(),
+        });
+    };
+    let w = weights
+        .weight(name)
+        .ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
+    let ty = graph.ty(v);
+    let shape: Vec<u64> = ty.shape.iter().map(|d| d.fixed().unwrap_or(0)).collect();
+    if DType::of_encoding(w.encoding) != ty.dtype || w.shape != shape.as_slice() {
+        return Err(InterpError::WeightType {
+            name: name.clone(),
+            expected: ty.to_string(),
+            found: w.encoding,
+            found_shape: w.shape.to_vec(),
+        });
+    }
+    Ok(w)
+}
+
+fn float_weight(
+    graph: &Graph,
+    weights: &dyn WeightSource,
+    v: Value,
+) -> Result<Vec<f32>, InterpError> {
+    let w = weight_of(graph, weights, v)?;
+    let n: u64 = w.shape.iter().product();
+    w.encoding.decode(w.bytes, n).map_err(|e| InterpError::Op {
+        op: "weight",
+        message: e.to_string(),
+    })
+}
+
+/// `y[t,n] = ((f32)Σ_k (c[n,k]−1)·q[t,k] / s[t]) · β` over I2_S codes in flattened order.
+fn tmatmul(q: &[i8], s: &[f32], w: WeightRef<'_>) -> Result<Vec<f32>, String> {
+    let (n, k) = (w.shape[0] as usize, w.shape[1] as usize);
+    let total = (n * k) as u64;
+    let expected = Encoding::I2S.byte_size(total).map_err(|e| e.to_string())?;
+    if w.bytes.len() as u64 != expected {
+        return Err(format!(
+            "i2_s weight has {} bytes, expected {expected}",
+            w.bytes.len()
+        ));
+    }
+    let beta = i2s_scale(w.bytes, total);
+    let t = s.len();
+    let mut signs = vec![0i8; k];
+    let mut y = vec![0.0f32; t * n];
+    for row in 0..n {
+        for (j, sign) in signs.iter_mut().enumerate() {
+            let i = row * k + j;
+            let code = (w.bytes[32 * (i / 128) + i % 32] >> (6 - 2 * ((i % 128) / 32))) & 3;
+            if code == 3 {
+                return Err(format!("i2_s code 3 at element {i}"));
+            }
+            *sign = code as i8 - 1;
+        }
+        for tok in 0..t {
+            let qr = &q[tok * k..(tok + 1) * k];
+            let sum: i32 = qr
+                .iter()
+                .zip(&signs)
+                .map(|(&a, &b)| a as i32 * b as i32)
+                .sum();
+            y[tok * n + row] = numerics::i2s_epilogue(sum, s[tok], beta);
+        }
+    }
+    Ok(y)
+}
+
+/// `a·b` where `b` holds half-precision values (widened to f32) and `a` is an f32 operand,
+/// evaluated along `path`; `round` rounds `a` to the half type.
+fn half_dot(path: DotPath, round: fn(f32) -> f32, a: &[f32], b: &[f32]) -> f32 {
+    let rounded = || a.iter().map(|&v| round(v)).collect::<Vec<f32>>();
+    match path {
+        DotPath::F32 => numerics::dot_f64(a, b),
+        // tinyBLAS takes rows whose length is a multiple of its 16 lanes; ggml falls back to
+        // its GEMV otherwise.
+        DotPath::Gemm { round: r } if a.len().is_multiple_of(16) => {
+            if r {
+                numerics::dot_tinyblas16(&rounded(), b)
+            } else {
+                numerics::dot_tinyblas16(a, b)
+            }
+        }
+        DotPath::Gemv | DotPath::Gemm { .. } => numerics::dot_ggml_vec_f16(&rounded(), b),
+    }
+}
+
+/// A matmul with the numerics of the weight's encoding; `path` applies to f16/bf16 weights.
+fn matmul(x: &[f32], w: WeightRef<'_>, path: DotPath) -> Result<Vec<f32>, String> {
+    let (n, k) = (w.shape[0] as usize, w.shape[1] as usize);
+    let t = x.len() / k;
+    let enc = w.encoding;
+    let block = enc.block_elems();
+    if k % block != 0 {
+        return Err(format!(
+            "{enc} rows must be whole {block}-element blocks, got K = {k}"
+        ));
+    }
+    let row_bytes = (k / block) * enc.block_bytes();
+    if w.bytes.len() != n * row_bytes {
+        return Err(format!(
+            "{enc} weight has {} bytes, expected {}",
+            w.bytes.len(),
+            n * row_bytes
+        ));
+    }
+    let mut y = vec![0.0f32; t * n];
+    let row = |r: usize| &w.bytes[r * row_bytes..(r + 1) * row_bytes];
+    match enc {
+        Encoding::F32 | Encoding::F16 | Encoding::BF16 => {
+            let (round, path): (fn(f32) -> f32, DotPath) = match enc {
+                Encoding::F16 => (numerics::round_f16, path),
+                Encoding::BF16 => (numerics::round_bf16, path),
+                _ => (|v| v, DotPath::F32),
+            };
+            let mut wr = vec![0.0f32; k];
+            for r in 0..n {
+                enc.decode_range(row(r), k as u64, 0, &mut wr)
+                    .map_err(|e| e.to_string())?;
+                for tok in 0..t {
+                    y[tok * n + r] = half_dot(path, round, &x[tok * k..(tok + 1) * k], &wr);
+                }
+            }
+        }
+        Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1 => {
+            let acts: Vec<Vec<numerics::Q8Block>> =
+                x.chunks_exact(k).map(numerics::quantize_q8_x86).collect();
+            let bb = enc.block_bytes();
+            for r in 0..n {
+                let wrow = row(r);
+                for (tok, a) in acts.iter().enumerate() {
+                    let mut lanes = Lanes8::default();
+                    let mut summs = 0.0f32;
+                    for (b, ab) in a.iter().enumerate() {
+                        let wb = &wrow[b * bb..(b + 1) * bb];
+                        let d = f16::from_le_bytes([wb[0], wb[1]]).to_f32();
+                        let mut q = [0i32; 32];
+                        match enc {
+                            Encoding::Q8_0 => {
+                                for (i, q) in q.iter_mut().enumerate() {
+                                    *q = wb[2 + i] as i8 as i32;
+                                }
+                            }
+                            Encoding::Q4_0 => {
+                                for j in 0..16 {
+                                    q[j] = (wb[2 + j] & 0x0f) as i32 - 8;
+                                    q[j + 16] = (wb[2 + j] >> 4) as i32 - 8;
+                                }
+                            }
+                            _ => {
+                                let m = f16::from_le_bytes([wb[2], wb[3]]).to_f32();
+                                summs += m * ab.s;
+                                for j in 0..16 {
+                                    q[j] = (wb[4 + j] & 0x0f) as i32;
+                                    q[j + 16] = (wb[4 + j] >> 4) as i32;
+                                }
+                            }
+                        }
+                        lanes.add_block(d * ab.d, &q, &ab.qs);
+                    }
+                    y[tok * n + r] = lanes.sum() + summs;
+                }
+            }
+        }
+        Encoding::TQ1_0 | Encoding::TQ2_0 => {
+            let acts: Vec<Vec<numerics::Q8KBlock>> =
+                x.chunks_exact(k).map(numerics::quantize_q8_k).collect();
+            let mut codes = vec![0i32; k];
+            for r in 0..n {
+                let t8 = crate::encoding::ternary_codes(enc, row(r), k as u64)
+                    .map_err(|e| e.to_string())?;
+                for (c, &code) in codes.iter_mut().zip(&t8.codes) {
+                    *c = code as i32 - 1;
+                }
+                for (tok, a) in acts.iter().enumerate() {
+                    let mut sum = 0.0f32;
+                    for (b, ab) in a.iter().enumerate() {
+                        let c = &codes[b * QK_K..(b + 1) * QK_K];
+                        let sumi: i32 = c.iter().zip(&ab.qs).map(|(&c, &q)| c * q as i32).sum();
+                        sum += (ab.d * t8.scales[b]) * sumi as f32;
+                    }
+                    y[tok * n + r] = sum;
+                }
+            }
+        }
+        Encoding::I2S => return Err("i2_s weights go through quant_act and tmatmul".into()),
+    }
+    Ok(y)
+}
+
+/// Causal GQA attention over the cache (ggml's non-flash path): scores `Q·K` along
+/// `paths.0`, `softmax(score·scale + mask)`, then probabilities times V along `paths.1`.
+fn attention(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    shape: &[usize],
+    p: usize,
+    scale: f32,
+    paths: (DotPath, DotPath),
+) -> Vec<f32> {
+    let (t, h, d) = (shape[0], shape[1], shape[2]);
+    let g = kc.len() / ((p + t) * d);
+    let group = h / g;
+    let mut out = vec![0.0f32; t * h * d];
+    let mut scores = Vec::with_capacity(p + t);
+    let mut v_col = Vec::with_capacity(p + t);
+    for tok in 0..t {
+        let visible = p + tok + 1;
+        for head in 0..h {
+            let kvh = head / group;
+            let qv = &q[(tok * h + head) * d..][..d];
+            scores.clear();
+            for j in 0..visible {
+                let kr = &kc[(j * g + kvh) * d..][..d];
+                scores.push(half_dot(paths.0, numerics::round_f16, qv, kr) * scale);
+            }
+            numerics::softmax(&mut scores);
+            // ggml pads the cache view to a multiple of 32 positions (masked, so probability 0);
+            // the padding decides which kernel takes `P·V` and adds nothing.
+            let padded = visible.next_multiple_of(32);
+            scores.resize(padded, 0.0);
+            let o = &mut out[(tok * h + head) * d..][..d];
+            for (dim, o) in o.iter_mut().enumerate() {
+                v_col.clear();
+                v_col.extend((0..visible).map(|j| vc[(j * g + kvh) * d + dim]));
+                v_col.resize(padded, 0.0);
+                *o = half_dot(paths.1, numerics::round_f16, &scores, &v_col);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,179 @@
+//! Logits of the reference interpreter against the engines that wrote each fixture: bitnet.cpp
+//! for its I2_S and F32 files, llama.cpp for its F16/TQ2_0/TQ1_0 files and SmolLM2.
+
+use bitnetc::npy;
+use bitnetc::{LoadOptions, load};
+use bitnetc_tests::{compare, fixture, shared_fixture};
+use std::path::Path;
+
+/// Evaluates `tokens` in one step (`batch`) or one token per step (`seq`).
+fn logits(model: &Path, tokens: &[u32], batch: bool) -> (Vec<f32>, usize) {
+    let m = load(
+        model,
+        LoadOptions {
+            context: Some(tokens.len()),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut s = m.engine.session();
+    let out = if batch {
+        s.eval(tokens).unwrap()
+    } else {
+        tokens.iter().flat_map(|&t| s.eval(&[t]).unwrap()).collect()
+    };
+    (out, m.engine.vocab_size())
+}
+
+fn tiny_tokens() -> Vec<u32> {
+    let text = std::fs::read_to_string(fixture("tiny/ref/tokens.txt")).unwrap();
+    // The first line holds the ids; the second, the text they spell.
+    text.lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect()
+}
+
+/// Checks one tiny model in one mode against its engine's reference; `bound` is the largest
+/// difference this interpreter reaches there (well under the 0.35 the references allow).
+fn check_tiny(model: &str, reference: &str, bound: f32) {
+    let tokens = tiny_tokens();
+    for (mode, batch) in [("batch", true), ("seq", false)] {
+        let (ours, vocab) = logits(&fixture(&format!("tiny/{model}")), &tokens, batch);
+        let r = npy::read_f32(&fixture(&format!("tiny/ref/{reference}.{mode}.npy"))).unwrap();
+        assert_eq!(r.shape, vec![tokens.len(), vocab]);
+        let c = compare(&ours, &r.data, vocab);
+        eprintln!(
+            "{model} {mode}: pos0 {:.3e}, max {:.3e} per position {:?}",
+            c.per_position[0],
+            c.max(),
+            c.per_position
+        );
+        assert!(
+            c.per_position[0] <= 1e-3,
+            "{model} {mode}: position 0 differs by {}",
+            c.per_position[0]
+        );
+        assert!(
+            c.argmax_mismatches.is_empty(),
+            "{model} {mode}: argmax differs at {:?}",
+            c.argmax_mismatches
+        );
+        assert!(
+            c.top5_last_equal,
+            "{model} {mode}: top-5 at the last position differ"
+        );
+        assert!(
+            c.max() <= 0.35,
+            "{model} {mode}: max difference {}",
+            c.max()
+        );
+        assert!(
+            c.max() <= bound,
+            "{model} {mode}: max difference {} exceeds the {bound} reached so far",
+            c.max()
+        );
+    }
+}
+
+#[test]
+fn bitnet_cpp_i2s_is_bit_exact() {
+    // Every integer and float step follows bitnet.cpp; 0 on x86-64 with glibc's sinf/cosf/powf.
+    check_tiny("bitnetcpp-tiny-i2_s.gguf", "bitnetcpp-i2_s", 1e-5);
+}
+
+#[test]
+fn bitnet_cpp_f32() {
+    check_tiny("bitnetcpp-tiny-f32.gguf", "bitnetcpp-f32", 3e-3);
+}
+
+#[test]
+fn llama_cpp_f16() {
+    check_tiny("mainline-tiny-f16.gguf", "mainline-f16", 5e-3);
+}
+
+#[test]
+fn llama_cpp_tq2_0() {
+    check_tiny("mainline-tiny-tq2_0.gguf", "mainline-tq2_0", 1e-3);
+}
+
+#[test]
+fn llama_cpp_tq1_0() {
+    check_tiny("mainline-tiny-tq1_0.gguf", "mainline-tq1_0", 1e-3);
+}
+
+/// SmolLM2 against llama.cpp without AMX (the closer target for a non-AMX engine) and with
+/// AMX: the same argmax except near ties (top-2 gap < 0.05), differences within 1.5 (the two
+/// llama.cpp builds differ by up to 0.94).
+fn check_smollm2(prompt: &str, tokens: &[u32], batch: bool, references: &[&str], bound: f32) {
+    let Some(model) = shared_fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let (ours, vocab) = logits(&model, tokens, batch);
+    for reference in references {
+        let Some(path) = shared_fixture(&format!("smollm2/{reference}")) else {
+            return;
+        };
+        let r = npy::read_f32(&path).unwrap();
+        let c = compare(&ours, &r.data, vocab);
+        eprintln!(
+            "{prompt} vs {reference}: max {:.3e} per position {:?}, argmax mismatches {:?}",
+            c.max(),
+            c.per_position,
+            c.argmax_mismatches
+        );
+        assert!(
+            c.clear_mismatches(0.05).is_empty(),
+            "{reference}: argmax differs at {:?}",
+            c.argmax_mismatches
+        );
+        assert!(c.max() <= 1.5, "{reference}: max difference {}", c.max());
+        if reference.contains("noamx") {
+            assert!(
+                c.max() <= bound,
+                "{reference}: max difference {} exceeds the {bound} reached so far",
+                c.max()
+            );
+        }
+    }
+}
+
+const CHATML: [u32; 16] = [
+    1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
+];
+
+#[test]
+fn smollm2_chatml_batch() {
+    check_smollm2(
+        "chatml batch",
+        &CHATML,
+        true,
+        &["chatml.logits.noamx.npy", "chatml.logits.npy"],
+        0.8,
+    );
+}
+
+#[test]
+fn smollm2_chatml_seq() {
+    check_smollm2(
+        "chatml seq",
+        &CHATML,
+        false,
+        &["chatml.logits-seq.noamx.npy", "chatml.logits-seq.npy"],
+        0.9,
+    );
+}
+
+#[test]
+fn smollm2_fox_is_exact() {
+    // The first four positions of every SmolLM2 run match llama.cpp without AMX bit for bit.
+    check_smollm2(
+        "fox",
+        &[504, 2365, 6354, 16438],
+        true,
+        &["fox.logits.noamx.npy", "fox.logits.npy"],
+        1e-5,
+    );
+}
