@@ -32,6 +32,31 @@ enum Command {
     Compile(CompileArgs),
     /// Evaluate token ids and write every position's logits to a .npy file
     Logits(LogitsArgs),
+    /// Write a model with random weights and the dimensions of a known model
+    GenModel(GenModelArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Like {
+    /// microsoft/bitnet-b1.58-2B-4T: I2_S, F16 tied embedding, 128256 vocab (1.18 GB)
+    #[value(name = "bitnet-b1.58-2B-4T")]
+    Bitnet2b4t,
+    /// A small 2-layer bitnet-b1.58 model with I2_S weights (for tests)
+    #[value(name = "tiny")]
+    Tiny,
+}
+
+#[derive(clap::Args)]
+struct GenModelArgs {
+    /// Which model's dimensions to use
+    #[arg(long, value_enum)]
+    like: Like,
+    /// Output GGUF
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    /// Seed of the random weights
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -147,6 +172,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => quantize_cmd(a),
         Command::Compile(a) => compile(a),
         Command::Logits(a) => logits(a),
+        Command::GenModel(a) => gen_model(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -248,9 +274,10 @@ fn render_description(d: &Description) -> String {
     for bt in &t.by_type {
         let _ = writeln!(
             w,
-            "  {:8} {:4} tensors  {:>9} parameters  {:>11}",
+            "  {:8} {:4} tensor{}  {:>9} parameters  {:>11}",
             bt.type_name,
             bt.tensors,
+            if bt.tensors == 1 { " " } else { "s" },
             human_count(bt.parameters),
             human_bytes(bt.bytes)
         );
@@ -480,6 +507,29 @@ fn logits(a: LogitsArgs) -> Result<()> {
         a.output.display(),
         tokens.len(),
         vocab
+    );
+    Ok(())
+}
+
+fn gen_model(a: GenModelArgs) -> Result<()> {
+    use bitnetc::gguf::synth::SynthSpec;
+    let spec = match a.like {
+        Like::Bitnet2b4t => SynthSpec::bitnet_2b_4t(),
+        Like::Tiny => SynthSpec::tiny(bitnetc::gguf::Architecture::BitnetB158),
+    };
+    let spec = SynthSpec {
+        seed: a.seed,
+        ..spec
+    };
+    let started = std::time::Instant::now();
+    bitnetc::gguf::writer::write_atomic(&a.output, |w| spec.write(w))
+        .map_err(|e| format!("{}: {e}", a.output.display()))?;
+    let bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({}, {bytes} bytes) in {:.1} s",
+        a.output.display(),
+        human_bytes(bytes),
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }

@@ -372,3 +372,89 @@ fn non_ternary_weights_are_ternarized_with_absmean() {
         Some(bitnetc::gguf::MetaValue::U32(40))
     );
 }
+
+/// Writes a one-tensor file whose tensor uses ggml type `type_id`.
+fn one_tensor_file(
+    arch: &str,
+    dims: &[u64],
+    type_id: u32,
+    table: TypeTable,
+    extra: &[(&str, bitnetc::gguf::Value)],
+) -> Vec<u8> {
+    use bitnetc::gguf::{GgufWriter, Value};
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::str(arch));
+    for (k, v) in extra {
+        w.set(k, v.clone());
+    }
+    w.add_tensor_type_id("blk.0.attn_q.weight", dims, type_id, table)
+        .unwrap();
+    let n = w.tensors()[0].nbytes as usize;
+    w.to_bytes(&[&vec![0x55u8; n]]).unwrap()
+}
+
+#[test]
+fn version_2_and_custom_alignment_are_read() {
+    use bitnetc::gguf::Value;
+    let mut bytes = one_tensor_file(
+        "llama",
+        &[64, 2],
+        0,
+        TypeTable::Upstream,
+        &[("general.alignment", Value::U32(64))],
+    );
+    let f = GgufFile::from_bytes("v3.gguf", bytes.clone()).unwrap();
+    assert_eq!(
+        (
+            f.version(),
+            f.layout().alignment,
+            f.layout().data_start % 64
+        ),
+        (3, 64, 0)
+    );
+    // v2 and v3 little-endian files are laid out identically.
+    bytes[4] = 2;
+    let f = GgufFile::from_bytes("v2.gguf", bytes).unwrap();
+    assert_eq!(f.version(), 2);
+}
+
+#[test]
+fn tl2_files_are_described_and_refused() {
+    // 39 is TL2 in bitnet.cpp's table (MXFP4 upstream); its size fits only TL2 here.
+    let bytes = one_tensor_file("bitnet-b1.58", &[3200, 8640], 39, TypeTable::BitnetCpp, &[]);
+    let f = GgufFile::from_bytes("tl2.gguf", bytes).unwrap();
+    assert_eq!(f.layout().type_table, TypeTable::BitnetCpp);
+    let t = &f.tensors()[0];
+    assert_eq!((t.type_name, t.nbytes), ("TL2", 5_852_192));
+    assert!(
+        f.decode(t)
+            .unwrap_err()
+            .to_string()
+            .contains("per-model kernel parameters")
+    );
+    let d = describe(&f, true);
+    assert_eq!(d.totals.by_type[0].type_name, "TL2");
+    // The same id under a llama architecture with MXFP4's size reads as upstream MXFP4.
+    let bytes = one_tensor_file("llama", &[64, 2], 39, TypeTable::Upstream, &[]);
+    let f = GgufFile::from_bytes("mxfp4.gguf", bytes).unwrap();
+    assert_eq!(
+        (f.layout().type_table, f.tensors()[0].type_name),
+        (TypeTable::Upstream, "MXFP4")
+    );
+}
+
+#[test]
+fn k_quants_are_described_but_not_computed() {
+    let bytes = one_tensor_file("llama", &[256, 4], 12, TypeTable::Upstream, &[]);
+    let f = GgufFile::from_bytes("q4k.gguf", bytes).unwrap();
+    let t = &f.tensors()[0];
+    assert_eq!(
+        (t.type_name, t.nbytes, t.encoding()),
+        ("Q4_K", 4 * 144, None)
+    );
+    let err = f.decode(t).unwrap_err().to_string();
+    assert!(
+        err.contains("q4k.gguf: tensor 'blk.0.attn_q.weight' is Q4_K"),
+        "{err}"
+    );
+}

@@ -99,7 +99,7 @@ pub fn quantize(
         let to = match plan {
             Plan::Copy => {
                 writer
-                    .add_tensor_type_id(&t.name, &t.dims, t.type_id)
+                    .add_tensor_type_id(&t.name, &t.dims, t.type_id, input.layout().type_table)
                     .map_err(io_err)?;
                 t.type_name.to_string()
             }

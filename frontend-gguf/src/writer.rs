@@ -187,18 +187,20 @@ impl GgufWriter {
 
     /// Declares a tensor of a computable encoding.
     pub fn add_tensor(&mut self, name: &str, dims: &[u64], encoding: Encoding) -> io::Result<()> {
-        let n = dims.iter().product();
-        let nbytes = encoding
-            .byte_size(n)
-            .map_err(|e| invalid(format!("tensor '{name}': {e}")))?;
-        self.add_raw_tensor(name, dims, types::id_of(encoding), nbytes)
+        // Every computable encoding has the same id in both tables, I2_S in bitnet.cpp's.
+        self.add_tensor_type_id(name, dims, types::id_of(encoding), TypeTable::BitnetCpp)
     }
 
-    /// Declares a tensor by ggml type id (bitnet.cpp's table for contested ids).
-    pub fn add_tensor_type_id(&mut self, name: &str, dims: &[u64], type_id: u32) -> io::Result<()> {
-        let ty = types::lookup(TypeTable::BitnetCpp, type_id)
-            .or_else(|_| types::lookup(TypeTable::Upstream, type_id))
-            .map_err(|e| invalid(format!("tensor '{name}': {e}")))?;
+    /// Declares a tensor by ggml type id, in the meaning `table` gives it.
+    pub fn add_tensor_type_id(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        type_id: u32,
+        table: TypeTable,
+    ) -> io::Result<()> {
+        let ty =
+            types::lookup(table, type_id).map_err(|e| invalid(format!("tensor '{name}': {e}")))?;
         let nbytes =
             types::byte_size(&ty, dims).map_err(|e| invalid(format!("tensor '{name}': {e}")))?;
         self.add_raw_tensor(name, dims, type_id, nbytes)
@@ -417,6 +419,8 @@ mod tests {
     fn refuses_bad_tensors() {
         let mut w = GgufWriter::new();
         assert!(w.add_tensor("x", &[33], Encoding::Q8_0).is_err());
+        // Rows must be whole blocks, not just the element count.
+        assert!(w.add_tensor("r", &[128, 2], Encoding::TQ2_0).is_err());
         assert!(w.add_tensor(&"n".repeat(64), &[4], Encoding::F32).is_err());
         w.add_tensor("x", &[4], Encoding::F32).unwrap();
         assert!(w.add_tensor("x", &[4], Encoding::F32).is_err());

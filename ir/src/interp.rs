@@ -661,3 +661,141 @@ fn attention(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Dim, TensorType};
+
+    struct Weights(Vec<(String, Encoding, Vec<u64>, Vec<u8>)>);
+
+    impl WeightSource for Weights {
+        fn weight(&self, name: &str) -> Option<WeightRef<'_>> {
+            let (_, encoding, shape, bytes) = self.0.iter().find(|w| w.0 == name)?;
+            Some(WeightRef {
+                encoding: *encoding,
+                shape,
+                bytes,
+            })
+        }
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 20) as f32 / 2048.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Runs `y = x·Wᵀ` for one weight through the interpreter; `x` comes from an f32 table.
+    fn run_linear(enc: Encoding, n: u64, k: u64, w: &[f32], x: &[f32]) -> Vec<f32> {
+        let t = x.len() / k as usize;
+        let mut g = Graph::new();
+        let ids = g.input("tokens", TensorType::new(DType::I32, vec![Dim::T]));
+        let table = g.weight(
+            "x",
+            TensorType::new(DType::F32, vec![Dim::Fixed(t as u64), Dim::Fixed(k)]),
+        );
+        let xv = g.add1(Op::Embed, &[ids, table]).unwrap();
+        let wv = g.weight(
+            "w",
+            TensorType::new(DType::of_encoding(enc), vec![Dim::Fixed(n), Dim::Fixed(k)]),
+        );
+        let y = if enc == Encoding::I2S {
+            let qs = g.add(Op::QuantAct, &[xv]).unwrap();
+            g.add1(Op::TMatmul, &[qs[0], qs[1], wv]).unwrap()
+        } else {
+            g.add1(
+                Op::Matmul {
+                    half: crate::types::HalfPath::F32,
+                },
+                &[xv, wv],
+            )
+            .unwrap()
+        };
+        g.output("y", y).unwrap();
+        let weights = Weights(vec![
+            (
+                "x".into(),
+                Encoding::F32,
+                vec![t as u64, k],
+                Encoding::F32.encode(x).unwrap(),
+            ),
+            ("w".into(), enc, vec![n, k], enc.encode(w).unwrap()),
+        ]);
+        let tokens: Vec<i32> = (0..t as i32).collect();
+        let mut kv = KvCache::new(t);
+        let out = run(
+            &g,
+            &weights,
+            Inputs {
+                tokens: &tokens,
+                positions: &tokens,
+            },
+            &mut kv,
+        )
+        .unwrap();
+        out["y"].as_f32().unwrap().to_vec()
+    }
+
+    #[test]
+    fn i2s_rows_straddle_blocks_in_flattened_order() {
+        // K = 96: rows are not whole 128-element blocks; the file format packs the flattened
+        // tensor, so row 1 starts in the middle of block 0.
+        let (n, k) = (4u64, 96u64);
+        let beta = 0.25f32;
+        let w: Vec<f32> = values((n * k) as usize, 7)
+            .iter()
+            .map(|v| {
+                if v.abs() < 0.3 {
+                    0.0
+                } else {
+                    beta * v.signum()
+                }
+            })
+            .collect();
+        let x = values(2 * k as usize, 3);
+        let y = run_linear(Encoding::I2S, n, k, &w, &x);
+        for tok in 0..2 {
+            let xr = &x[tok * k as usize..][..k as usize];
+            let mut q = vec![0i8; k as usize];
+            let s = numerics::quant_act_i8(xr, &mut q);
+            for row in 0..n as usize {
+                let sum: i32 = (0..k as usize)
+                    .map(|j| q[j] as i32 * (w[row * k as usize + j] / beta) as i32)
+                    .sum();
+                assert_eq!(
+                    y[tok * n as usize + row],
+                    numerics::i2s_epilogue(sum, s, beta),
+                    "token {tok} row {row}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_matmuls_approximate_the_float_product() {
+        let (n, k) = (3u64, 256u64);
+        let w = values((n * k) as usize, 11);
+        let x = values(2 * k as usize, 5);
+        let exact: Vec<f32> = (0..2)
+            .flat_map(|t| (0..n as usize).map(move |r| (t, r)))
+            .map(|(t, r)| numerics::dot_f64(&x[t * 256..][..256], &w[r * 256..][..256]))
+            .collect();
+        // Errors relative to |x|·|w|, the scale of a dot product's rounding.
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        let scale = norm(&x[..256]) * norm(&w[..256]);
+        for (enc, tol) in [
+            (Encoding::F32, 1e-6),
+            (Encoding::Q8_0, 5e-3),
+            (Encoding::Q4_0, 5e-2),
+            (Encoding::Q4_1, 5e-2),
+        ] {
+            let y = run_linear(enc, n, k, &w, &x);
+            for (a, b) in y.iter().zip(&exact) {
+                assert!((a - b).abs() <= tol * scale, "{enc}: {a} vs {b}");
+            }
+        }
+    }
+}

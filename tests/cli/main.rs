@@ -155,6 +155,8 @@ fn quantize_writes_i2s_and_refuses_bad_output() {
 
 #[test]
 fn help_texts() {
+    let o = bitnetc(&["--help"]);
+    insta::assert_snapshot!("help", stdout(&o));
     for cmd in ["inspect", "quantize", "compile", "logits"] {
         let o = bitnetc(&[cmd, "--help"]);
         assert!(o.status.success());
