@@ -11,7 +11,8 @@ pub use bitnetc_ir as ir;
 pub use bitnetc_runtime as runtime;
 
 use gguf::lower::{LowerOptions, lower};
-use gguf::{GgufError, GgufFile, ModelConfig};
+use gguf::{GgufError, GgufFile, ModelConfig, TokenizerMeta};
+use runtime::tokenizer::Tokenizer;
 use runtime::{Engine, RuntimeError};
 use std::path::Path;
 use std::sync::Arc;
@@ -23,21 +24,38 @@ pub enum Error {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("{0}: the file has no tokenizer (no tokenizer.ggml.model); give token ids instead")]
+    NoTokenizer(String),
+    #[error("{0}")]
+    Tokenizer(String),
 }
 
 /// Options for [`load`].
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub lower: LowerOptions,
     /// KV cache size in positions; the model's training context when `None`.
     pub context: Option<usize>,
+    /// Replaces the pre-tokenizer the model names.
+    pub pre_tokenizer: Option<String>,
 }
 
-/// A loaded model: its file, config and engine.
+/// A loaded model: its file, config, engine and tokenizer.
 pub struct Model {
     pub file: Arc<GgufFile>,
     pub config: ModelConfig,
     pub engine: Engine,
+    /// `None` when the file has no tokenizer.
+    pub tokenizer: Option<Tokenizer>,
+}
+
+impl Model {
+    /// The tokenizer, or an error naming the file when it has none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer, Error> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::NoTokenizer(self.file.path().display().to_string()))
+    }
 }
 
 /// Opens a GGUF model, validates it, lowers it and binds it to an engine.
@@ -47,9 +65,20 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     let graph = lower(&file, &config, &opts.lower)?;
     let context = opts.context.unwrap_or(config.context_length as usize);
     let engine = Engine::new(graph, file.clone(), context)?;
+    let meta = TokenizerMeta::from_gguf(&file).map_err(|e| file.model_error(e))?;
+    let tokenizer = match meta {
+        Some(meta) => {
+            let spec = meta.to_spec().map_err(|e| file.model_error(e))?;
+            let tokenizer = Tokenizer::new(spec, opts.pre_tokenizer.as_deref())
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", file.path().display())))?;
+            Some(tokenizer)
+        }
+        None => None,
+    };
     Ok(Model {
         file,
         config,
         engine,
+        tokenizer,
     })
 }

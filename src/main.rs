@@ -1,9 +1,7 @@
 //! The `bitnetc` command.
 
-use bitnetc::gguf::describe::{self, ConfigOutcome, Description};
-use bitnetc::gguf::quantize::{self, QuantizeOptions};
-use bitnetc::gguf::{GgufFile, ModelConfig};
-use bitnetc::ir::Encoding;
+mod cli;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +22,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt (add -cnv to use the model's chat format)
+    Run(cli::generate::RunArgs),
+    /// Talk with a model in the terminal
+    Chat(cli::generate::ChatArgs),
+    /// Show the tokens of a text
+    Tokenize(cli::generate::TokenizeArgs),
     /// Describe a GGUF file: metadata, model config, tensors, tokenizer (reads no tensor data)
     Inspect(InspectArgs),
     /// Rewrite a model's block matrices as ternary weights (norms stay F32)
@@ -165,14 +169,28 @@ struct QuantizeArgs {
     embedding_type: EmbeddingType,
 }
 
+/// llama.cpp's multi-letter single-dash flags, as their long forms (clap would read `-cnv` as
+/// `-c -n -v`).
+fn llama_cpp_flags(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.map(|a| match a.to_str() {
+        Some("-cnv") => "--conversation".into(),
+        Some("-sys") => "--system-prompt".into(),
+        _ => a,
+    })
+    .collect()
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(llama_cpp_flags(std::env::args_os()));
     let result = match cli.command {
-        Command::Inspect(a) => inspect(a),
-        Command::Quantize(a) => quantize_cmd(a),
-        Command::Compile(a) => compile(a),
-        Command::Logits(a) => logits(a),
-        Command::GenModel(a) => gen_model(a),
+        Command::Run(a) => cli::generate::run(a),
+        Command::Chat(a) => cli::generate::chat(a),
+        Command::Tokenize(a) => cli::generate::tokenize(a),
+        Command::Inspect(a) => cli::inspect::inspect(a),
+        Command::Quantize(a) => cli::tools::quantize_cmd(a),
+        Command::Compile(a) => cli::tools::compile(a),
+        Command::Logits(a) => cli::tools::logits(a),
+        Command::GenModel(a) => cli::tools::gen_model(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,355 +199,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn inspect(a: InspectArgs) -> Result<()> {
-    let file = GgufFile::open(&a.file)?;
-    let d = describe::describe(&file, a.tensors);
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&d)?);
-    } else {
-        print!("{}", render_description(&d));
-    }
-    Ok(())
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
-
-fn human_count(n: u64) -> String {
-    match n {
-        0..1_000 => n.to_string(),
-        1_000..1_000_000 => format!("{:.1}K", n as f64 / 1e3),
-        1_000_000..1_000_000_000 => format!("{:.1}M", n as f64 / 1e6),
-        _ => format!("{:.2}B", n as f64 / 1e9),
-    }
-}
-
-fn render_description(d: &Description) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    let w = &mut s;
-    let _ = writeln!(
-        w,
-        "file        {} ({}, {} bytes)",
-        d.file,
-        human_bytes(d.file_bytes),
-        d.file_bytes
-    );
-    let _ = writeln!(
-        w,
-        "gguf        version {}, alignment {}, data at byte {}",
-        d.gguf_version, d.alignment, d.data_offset
-    );
-    let _ = writeln!(
-        w,
-        "type ids    {} table: {}",
-        d.type_table, d.type_table_reason
-    );
-    let _ = writeln!(w, "\nmetadata ({} keys)", d.metadata.len());
-    let kw = d.metadata.iter().map(|m| m.key.len()).max().unwrap_or(0);
-    let tw = d
-        .metadata
-        .iter()
-        .map(|m| m.type_description.len())
-        .max()
-        .unwrap_or(0);
-    for m in &d.metadata {
-        let _ = writeln!(
-            w,
-            "  {:kw$}  {:tw$}  {}",
-            m.key, m.type_description, m.display
-        );
-    }
-    let _ = writeln!(w, "\nmodel");
-    match &d.config {
-        ConfigOutcome::Valid(c) => render_config(w, c),
-        ConfigOutcome::Invalid(e) => {
-            let _ = writeln!(w, "  cannot be loaded: {e}");
-        }
-    }
-    let t = &d.totals;
-    let _ = writeln!(
-        w,
-        "\ntensors     {} tensors, {} parameters, {} of tensor data",
-        t.tensors,
-        human_count(t.parameters),
-        human_bytes(t.bytes)
-    );
-    for bt in &t.by_type {
-        let _ = writeln!(
-            w,
-            "  {:8} {:4} tensor{}  {:>9} parameters  {:>11}",
-            bt.type_name,
-            bt.tensors,
-            if bt.tensors == 1 { " " } else { "s" },
-            human_count(bt.parameters),
-            human_bytes(bt.bytes)
-        );
-    }
-    let _ = writeln!(w, "\ntokenizer");
-    match (&d.tokenizer, &d.tokenizer_error) {
-        (_, Some(e)) => {
-            let _ = writeln!(w, "  invalid: {e}");
-        }
-        (None, None) => {
-            let _ = writeln!(w, "  none (no tokenizer.ggml.model)");
-        }
-        (Some(tk), None) => {
-            let pre = match &tk.pre {
-                Some(p) => format!("pre-tokenizer '{p}'"),
-                None => "no pre-tokenizer named (bitnet.cpp then uses its DEFAULT rules)".into(),
-            };
-            let merges = tk.merges.map_or(String::new(), |m| format!(", {m} merges"));
-            let _ = writeln!(
-                w,
-                "  {} vocabulary, {} tokens{merges}, {pre}",
-                tk.model, tk.tokens
-            );
-            let mut specials = Vec::new();
-            for (label, tok) in [
-                ("bos", &tk.bos),
-                ("eos", &tk.eos),
-                ("eot", &tk.eot),
-                ("pad", &tk.padding),
-                ("unk", &tk.unknown),
-            ] {
-                if let Some(tok) = tok {
-                    specials.push(format!(
-                        "{label} {} {}",
-                        tok.id,
-                        bitnetc::gguf::gguf::quote_cut(&tok.text, 40)
-                    ));
-                }
-            }
-            if !specials.is_empty() {
-                let _ = writeln!(w, "  {}", specials.join(", "));
-            }
-            let flag = |b: Option<bool>| b.map_or("unset".to_string(), |b| b.to_string());
-            let template = tk
-                .chat_template_chars
-                .map_or("no chat template".to_string(), |n| {
-                    format!("chat template of {n} characters")
-                });
-            let _ = writeln!(
-                w,
-                "  add_bos {}, add_eos {}, {template}",
-                flag(tk.add_bos),
-                flag(tk.add_eos)
-            );
-        }
-    }
-    if let Some(tensors) = &d.tensors {
-        let nw = tensors
-            .iter()
-            .map(|t| t.name.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        let _ = writeln!(
-            w,
-            "\n  {:nw$}  {:8}  {:>22}  {:>12}  {:>12}",
-            "name", "type", "dims", "bytes", "offset"
-        );
-        for t in tensors {
-            let dims = t
-                .dims
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(" x ");
-            let _ = writeln!(
-                w,
-                "  {:nw$}  {:8}  {:>22}  {:>12}  {:>12}",
-                t.name, t.type_name, dims, t.nbytes, t.offset
-            );
-        }
-    }
-    s
-}
-
-fn render_config(w: &mut String, c: &ModelConfig) {
-    use std::fmt::Write;
-    let act = match c.ffn_activation {
-        bitnetc::gguf::Activation::Relu2 => "relu² GLU",
-        bitnetc::gguf::Activation::Silu => "SiLU GLU",
-    };
-    let head = if c.tied_output {
-        "tied output head"
-    } else {
-        "separate output head"
-    };
-    let sub = if c.sub_norms { ", SubLN" } else { "" };
-    let scales = if c.weight_scales {
-        ", per-matrix scales"
-    } else {
-        ""
-    };
-    let _ = writeln!(
-        w,
-        "  architecture  {} ({act}{sub}, {} RoPE, {head}{scales})",
-        c.architecture,
-        match c.rope_style {
-            bitnetc::gguf::RopeStyle::Neox => "NEOX",
-            bitnetc::gguf::RopeStyle::Norm => "NORM",
-        }
-    );
-    if let Some(n) = &c.name {
-        let _ = writeln!(w, "  name          {n}");
-    }
-    let _ = writeln!(
-        w,
-        "  dims          vocab {}, context {}, hidden {}, layers {}, ffn {}",
-        c.vocab_size, c.context_length, c.hidden, c.layers, c.ffn
-    );
-    let _ = writeln!(
-        w,
-        "  attention     {} heads, {} kv heads, head dim {}, rope {} dims, theta {}",
-        c.heads, c.kv_heads, c.head_dim, c.rope_dims, c.rope_theta
-    );
-    let _ = writeln!(w, "  rms eps       {}", c.rms_eps);
-    let _ = writeln!(w, "  parameters    {}", human_count(c.parameter_count()));
-}
-
-fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
-    let input = GgufFile::open(&a.input)?;
-    let opts = QuantizeOptions {
-        weights: match a.weight_type {
-            WeightType::I2S => Encoding::I2S,
-            WeightType::Tq2_0 => Encoding::TQ2_0,
-            WeightType::Tq1_0 => Encoding::TQ1_0,
-        },
-        embedding: match a.embedding_type {
-            EmbeddingType::F16 => Encoding::F16,
-            EmbeddingType::Q8_0 => Encoding::Q8_0,
-        },
-    };
-    let bar = indicatif::ProgressBar::new(input.tensors().len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors  {msg}")
-            .expect("valid template"),
-    );
-    let report = quantize::quantize(&input, &a.output, opts, |i, _, name| {
-        bar.set_position(i as u64);
-        bar.set_message(name.to_string());
-    });
-    bar.finish_and_clear();
-    let report = report?;
-    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
-    for t in &report.tensors {
-        *counts.entry(&t.to).or_default() += 1;
-    }
-    for t in report.tensors.iter().filter(|t| !t.note.is_empty()) {
-        eprintln!("{}: {} -> {}: {}", t.name, t.from, t.to, t.note);
-    }
-    let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
-    println!(
-        "wrote {} ({} tensors: {}), {} -> {}",
-        a.output.display(),
-        report.tensors.len(),
-        counts.join(", "),
-        human_bytes(report.input_bytes),
-        human_bytes(report.output_bytes)
-    );
-    Ok(())
-}
-
-fn load(
-    model: &std::path::Path,
-    kv_cache: KvCacheType,
-    context: Option<usize>,
-) -> Result<bitnetc::Model> {
-    let opts = bitnetc::LoadOptions {
-        lower: bitnetc::gguf::lower::LowerOptions {
-            kv_cache: kv_cache.dtype(),
-        },
-        context,
-    };
-    Ok(bitnetc::load(model, opts)?)
-}
-
-fn compile(a: CompileArgs) -> Result<()> {
-    let model = load(&a.model, a.kv_cache, None)?;
-    match a.emit {
-        Emit::Ir => print!("{}", bitnetc::ir::text::print(model.engine.graph())?),
-    }
-    Ok(())
-}
-
-fn logits(a: LogitsArgs) -> Result<()> {
-    let tokens = a
-        .tokens
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<u32>()
-                .map_err(|_| format!("--tokens: '{s}' is not a token id"))
-        })
-        .collect::<std::result::Result<Vec<u32>, String>>()?;
-    if tokens.is_empty() {
-        return Err("--tokens: no token ids given".into());
-    }
-    let model = load(&a.model, a.kv_cache, Some(tokens.len()))?;
-    let vocab = model.engine.vocab_size();
-    if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(format!("--tokens: id {t} is outside the vocabulary of {vocab}").into());
-    }
-    let mut session = model.engine.session();
-    let logits = match a.mode {
-        Mode::Batch => session.eval(&tokens)?,
-        Mode::Seq => {
-            let mut all = Vec::with_capacity(tokens.len() * vocab);
-            for &t in &tokens {
-                all.extend(session.eval(&[t])?);
-            }
-            all
-        }
-    };
-    bitnetc::npy::write_f32(&a.output, &[tokens.len(), vocab], &logits)
-        .map_err(|e| format!("{}: {e}", a.output.display()))?;
-    eprintln!(
-        "wrote {} ({} x {} logits)",
-        a.output.display(),
-        tokens.len(),
-        vocab
-    );
-    Ok(())
-}
-
-fn gen_model(a: GenModelArgs) -> Result<()> {
-    use bitnetc::gguf::synth::SynthSpec;
-    let spec = match a.like {
-        Like::Bitnet2b4t => SynthSpec::bitnet_2b_4t(),
-        Like::Tiny => SynthSpec::tiny(bitnetc::gguf::Architecture::BitnetB158),
-    };
-    let spec = SynthSpec {
-        seed: a.seed,
-        ..spec
-    };
-    let started = std::time::Instant::now();
-    bitnetc::gguf::writer::write_atomic(&a.output, |w| spec.write(w))
-        .map_err(|e| format!("{}: {e}", a.output.display()))?;
-    let bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
-    println!(
-        "wrote {} ({}, {bytes} bytes) in {:.1} s",
-        a.output.display(),
-        human_bytes(bytes),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
 }

@@ -6,6 +6,7 @@ use crate::arch::{Architecture, SCALED_MATRICES};
 use crate::types;
 use crate::writer::{GgufWriter, Value};
 use bitnetc_ir::Encoding;
+use bitnetc_ir::vocab::gpt2_byte_char;
 use std::io::{self, Write};
 
 /// The shape and encodings of a synthetic model.
@@ -265,18 +266,6 @@ impl SplitMix64 {
     }
 }
 
-/// GPT-2's byte-to-unicode table: the printable character standing for each byte.
-pub fn gpt2_byte_char(b: u8) -> char {
-    let printable = |b: u8| {
-        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
-    if printable(b) {
-        return char::from(b);
-    }
-    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
-    char::from_u32(256 + rank).expect("valid code point")
-}
-
 /// A vocabulary of `n` tokens: `<|begin_of_text|>`, `<|end_of_text|>`, the 256 byte tokens,
 /// then filler tokens.
 pub fn byte_level_vocab(n: usize) -> Vec<String> {
@@ -292,19 +281,4 @@ pub fn byte_level_vocab(n: usize) -> Vec<String> {
     }
     v.truncate(n);
     v
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gpt2_byte_table() {
-        assert_eq!(gpt2_byte_char(b'a'), 'a');
-        assert_eq!(gpt2_byte_char(b' '), 'Ġ');
-        assert_eq!(gpt2_byte_char(b'\n'), 'Ċ');
-        assert_eq!(gpt2_byte_char(0), 'Ā');
-        let all: std::collections::HashSet<char> = (0..=255u8).map(gpt2_byte_char).collect();
-        assert_eq!(all.len(), 256);
-    }
 }

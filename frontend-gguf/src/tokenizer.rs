@@ -2,8 +2,25 @@
 //! Building a tokenizer from it is the runtime's business.
 
 use crate::error::ModelError;
-use crate::gguf::{GgufFile, MetaArray, ValueType};
+use crate::gguf::{GgufFile, MetaArray, MetaValue, ValueType};
+use bitnetc_ir::vocab::{TokenType, TokenizerKind, TokenizerSpec};
 use serde::Serialize;
+
+/// Token texts llama.cpp treats as end-of-generation markers (and as control tokens) whatever
+/// the file says.
+pub const END_MARKERS: [&str; 8] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+];
+
+/// Pre-tokenizers whose files need a BOS token even when they do not say so (llama.cpp).
+const BOS_BY_DEFAULT: [&str; 3] = ["llama3", "llama-v3", "llama-bpe"];
 
 /// The `tokenizer.*` metadata of a GGUF file.
 #[derive(Clone, Debug)]
@@ -106,6 +123,83 @@ impl<'a> TokenizerMeta<'a> {
         }))
     }
 
+    /// The tokenizer as plain data, with llama.cpp's defaults for what the file leaves out.
+    pub fn to_spec(&self) -> Result<TokenizerSpec, ModelError> {
+        let kind = match self.model {
+            "gpt2" => TokenizerKind::Bpe {
+                pre: self.pre.unwrap_or("default").to_string(),
+            },
+            "llama" => TokenizerKind::Spm,
+            other => {
+                return Err(ModelError::BadValue {
+                    key: "tokenizer.ggml.model".into(),
+                    value: other.into(),
+                    reason: "bitnetc tokenizes gpt2 (byte-level BPE) and llama (SentencePiece) vocabularies".into(),
+                });
+            }
+        };
+        let tokens: Vec<String> = self
+            .tokens
+            .strings()
+            .expect("checked to be strings")
+            .map(str::to_string)
+            .collect();
+        let mut types: Vec<TokenType> = match self.token_types {
+            Some(a) => a.iter().map(|v| TokenType::from_gguf(int_of(v))).collect(),
+            None => vec![TokenType::Normal; tokens.len()],
+        };
+        let scores = match self.scores {
+            Some(a) => a
+                .iter()
+                .map(|v| if let MetaValue::F32(f) = v { f } else { 0.0 })
+                .collect(),
+            None => Vec::new(),
+        };
+        let merges = match self.merges {
+            Some(a) => a
+                .strings()
+                .map(|m| m.map(str::to_string).collect())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut eot = self.special.eot;
+        let mut end_of_generation: Vec<u32> =
+            [self.special.eos, self.special.eot, self.special.eom]
+                .into_iter()
+                .flatten()
+                .collect();
+        for (id, text) in tokens.iter().enumerate() {
+            if END_MARKERS.contains(&text.as_str()) {
+                types[id] = TokenType::Control;
+                end_of_generation.push(id as u32);
+                if eot.is_none() && text != "<|endoftext|>" && text != "<|eom_id|>" {
+                    eot = Some(id as u32);
+                }
+            }
+        }
+        end_of_generation.sort_unstable();
+        end_of_generation.dedup();
+        let spm = matches!(kind, TokenizerKind::Spm);
+        let bos_default = spm || self.pre.is_some_and(|p| BOS_BY_DEFAULT.contains(&p));
+        Ok(TokenizerSpec {
+            kind,
+            tokens,
+            types,
+            scores,
+            merges,
+            bos: self.special.bos,
+            eos: self.special.eos,
+            eot,
+            unknown: self.special.unknown,
+            padding: self.special.padding,
+            end_of_generation,
+            add_bos: self.add_bos.unwrap_or(bos_default),
+            add_eos: self.add_eos.unwrap_or(false),
+            add_space_prefix: self.add_space_prefix.unwrap_or(spm),
+            chat_template: self.chat_template.map(str::to_string),
+        })
+    }
+
     /// The text of a token.
     pub fn token_text(&self, id: u32) -> Option<&'a str> {
         self.tokens.strings()?.nth(id as usize)
@@ -136,6 +230,10 @@ impl<'a> TokenizerMeta<'a> {
             chat_template_chars: self.chat_template.map(|t| t.chars().count()),
         }
     }
+}
+
+fn int_of(v: MetaValue<'_>) -> i32 {
+    v.as_i64().and_then(|i| i32::try_from(i).ok()).unwrap_or(1)
 }
 
 fn typed_array<'a>(

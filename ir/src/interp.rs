@@ -150,6 +150,11 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Keeps the first `n` positions and forgets the rest.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
 }
 
 /// The inputs of one step.

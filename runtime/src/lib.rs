@@ -1,6 +1,11 @@
 //! The runtime: an [`Engine`] holds a model's graph and weights; a [`Session`] holds one
 //! sequence's KV cache and position and evaluates tokens through it (prefill with many tokens,
-//! decode with one).
+//! decode with one). [`tokenizer`] turns text into tokens and back.
+
+pub mod chat;
+pub mod generate;
+pub mod sampling;
+pub mod tokenizer;
 
 use bitnetc_ir::interp::{self, Inputs, InterpError, KvCache, WeightSource};
 use bitnetc_ir::{Graph, IrError};
@@ -17,6 +22,14 @@ pub enum RuntimeError {
     NoLogits,
     #[error("no tokens to evaluate")]
     Empty,
+    #[error(
+        "the context holds {capacity} positions, {used} are used, and {needed} more are needed; raise -c or shorten the prompt"
+    )]
+    ContextFull {
+        needed: usize,
+        capacity: usize,
+        used: usize,
+    },
 }
 
 /// A model ready to run: its forward graph and its weights.
@@ -72,20 +85,27 @@ impl Engine {
         Session {
             engine: self,
             kv: KvCache::new(self.context),
+            history: Vec::new(),
         }
     }
 }
 
-/// One sequence: its KV cache and position.
+/// One sequence: its KV cache, and the tokens in it.
 pub struct Session<'e> {
     engine: &'e Engine,
     kv: KvCache,
+    history: Vec<u32>,
 }
 
 impl Session<'_> {
     /// Positions evaluated so far.
     pub fn position(&self) -> usize {
         self.kv.len()
+    }
+
+    /// Positions the session's KV cache holds.
+    pub fn capacity(&self) -> usize {
+        self.kv.capacity()
     }
 
     /// Evaluates `tokens` after the cached positions; returns their logits, `tokens.len()`
@@ -110,14 +130,26 @@ impl Session<'_> {
             &mut self.kv,
         )?;
         let logits = out.remove("logits").ok_or(RuntimeError::NoLogits)?;
+        self.history.extend_from_slice(tokens);
         Ok(match logits.data {
             interp::Data::F32(v) => v,
             _ => return Err(RuntimeError::NoLogits),
         })
     }
 
+    /// The tokens evaluated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Keeps the first `n` positions and forgets the rest.
+    pub fn rewind(&mut self, n: usize) {
+        self.kv.truncate(n);
+        self.history.truncate(n);
+    }
+
     /// Forgets the sequence.
     pub fn reset(&mut self) {
-        self.kv.clear();
+        self.rewind(0);
     }
 }

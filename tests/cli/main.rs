@@ -157,7 +157,9 @@ fn quantize_writes_i2s_and_refuses_bad_output() {
 fn help_texts() {
     let o = bitnetc(&["--help"]);
     insta::assert_snapshot!("help", stdout(&o));
-    for cmd in ["inspect", "quantize", "compile", "logits"] {
+    for cmd in [
+        "inspect", "quantize", "compile", "logits", "run", "chat", "tokenize",
+    ] {
         let o = bitnetc(&[cmd, "--help"]);
         assert!(o.status.success());
         insta::assert_snapshot!(format!("help_{cmd}"), stdout(&o));
@@ -244,6 +246,135 @@ fn logits_writes_the_reference_logits() {
     ]);
     assert!(
         stderr(&o).contains("'x' is not a token id"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPING: {} is not present", p.display());
+        None
+    }
+}
+
+#[test]
+fn run_answers_paris() {
+    let Some(model) = smollm2() else { return };
+    let o = bitnetc(&[
+        "run",
+        "-m",
+        model.to_str().unwrap(),
+        "-cnv",
+        "-p",
+        "What is the capital of France?",
+        "--temp",
+        "0",
+        "--output-ids",
+        "-c",
+        "128",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "The capital of France is Paris.\n");
+    // llama.cpp's greedy ids, up to and including the first end-of-generation token.
+    assert!(
+        stderr(&o).contains("[504,3575,282,4649,314,7042,30,2]"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn tokenize_prints_ids_and_pieces() {
+    let model = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let m = model.to_str().unwrap();
+    let o = bitnetc(&["tokenize", "-m", m, "-p", "Hello, world!", "--ids"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "[0,41,838,367,13,312,273,469,2]\n");
+    let o = bitnetc(&[
+        "tokenize",
+        "-m",
+        m,
+        "-p",
+        "Hello, world!",
+        "--ids",
+        "--no-bos",
+    ]);
+    assert_eq!(stdout(&o), "[41,838,367,13,312,273,469,2]\n");
+    let o = bitnetc(&["tokenize", "-m", m, "-p", "Hello"]);
+    assert!(
+        stdout(&o).starts_with("     0 -> \"<|begin_of_text|>\"\n"),
+        "{}",
+        stdout(&o)
+    );
+    let o = bitnetc(&[
+        "tokenize",
+        "-m",
+        m,
+        "-p",
+        "x",
+        "--pre-tokenizer",
+        "nonsense",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("unknown pre-tokenizer 'nonsense'"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn chat_repl_answers_and_obeys_commands() {
+    use std::io::Write;
+    let model = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnetc"))
+        .args([
+            "chat",
+            "-m",
+            model.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "4",
+            "-c",
+            "256",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"/help\nHello there\n/clear\nHello there\n/bye\nnever read\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("chat format bitnet"), "{err}");
+    assert!(err.contains("/clear  forget the conversation"), "{err}");
+    assert!(err.contains("(conversation cleared)"), "{err}");
+    // Greedy: the same answer before and after /clear.
+    let out = stdout(&o);
+    let answers: Vec<&str> = out.lines().collect();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0], answers[1]);
+}
+
+#[test]
+fn run_needs_a_prompt() {
+    let model = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let o = bitnetc(&["run", "-m", model.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("give a prompt with -p TEXT or -f FILE"),
         "{}",
         stderr(&o)
     );
