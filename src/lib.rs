@@ -8,6 +8,7 @@ pub mod npy;
 
 pub use bitnetc_frontend_gguf as gguf;
 pub use bitnetc_ir as ir;
+pub use bitnetc_passes as passes;
 pub use bitnetc_runtime as runtime;
 
 use gguf::lower::{LowerOptions, lower};
@@ -24,6 +25,8 @@ pub enum Error {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Passes(#[from] passes::PassError),
     #[error("{0}: the file has no tokenizer (no tokenizer.ggml.model); give token ids instead")]
     NoTokenizer(String),
     #[error("{0}")]
@@ -38,6 +41,9 @@ pub struct LoadOptions {
     pub context: Option<usize>,
     /// Replaces the pre-tokenizer the model names.
     pub pre_tokenizer: Option<String>,
+    /// The passes to run, by name; the default pipeline when `None` (`Some(vec![])` runs the
+    /// lowered graph as it is).
+    pub passes: Option<Vec<String>>,
 }
 
 /// A loaded model: its file, config, engine and tokenizer.
@@ -62,9 +68,19 @@ impl Model {
 pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     let file = Arc::new(GgufFile::open(path)?);
     let config = ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
-    let graph = lower(&file, &config, &opts.lower)?;
+    let mut graph = lower(&file, &config, &opts.lower)?;
+    let config_passes = passes::PassConfig::default();
+    let manager = match &opts.passes {
+        None => passes::PassManager::default_pipeline(&config_passes),
+        Some(names) => {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            passes::PassManager::new(&names, &config_passes)?
+        }
+    };
+    manager.run(&mut graph, |_| {})?;
+    let (plan, _) = passes::memory::plan(&graph).map_err(RuntimeError::from)?;
     let context = opts.context.unwrap_or(config.context_length as usize);
-    let engine = Engine::new(graph, file.clone(), context)?;
+    let engine = Engine::new(plan, file.clone(), context)?;
     let meta = TokenizerMeta::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let tokenizer = match meta {
         Some(meta) => {

@@ -63,10 +63,14 @@ struct GenModelArgs {
     seed: u64,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum Emit {
     /// The lowered graph, in the IR text form
     Ir,
+    /// The graph after the passes
+    Fused,
+    /// The scheduled plan: steps, buffers and arena offsets
+    Plan,
 }
 
 #[derive(clap::Args)]
@@ -79,6 +83,18 @@ struct CompileArgs {
     /// KV cache element type
     #[arg(long, value_enum, value_name = "TYPE", default_value = "f16")]
     kv_cache: KvCacheType,
+    /// The passes to run, comma-separated (default: the whole pipeline)
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    passes: Option<Vec<String>>,
+    /// Print the graph to stderr after these passes (comma-separated, or `all`)
+    #[arg(long, value_name = "PASS", value_delimiter = ',')]
+    print_after: Vec<String>,
+    /// Stop the pipeline after this pass
+    #[arg(long, value_name = "PASS")]
+    stop_after: Option<String>,
+    /// Print how long each pass took, to stderr
+    #[arg(long)]
+    time_passes: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -208,6 +208,26 @@ impl SynthSpec {
         Ok(())
     }
 
+    /// Writes the metadata and tensor table with all-zero tensor data, as a sparse file: a
+    /// model of any size for compiling and planning, which costs no time or disk to write.
+    /// (Zero bytes are code 0, that is −1, in I2_S; the model computes nothing meaningful.)
+    pub fn write_shape_only(&self, path: &std::path::Path) -> io::Result<()> {
+        let mut w = GgufWriter::new();
+        self.metadata(&mut w);
+        let mut data = 0u64;
+        for (name, dims, enc, _) in self.tensors() {
+            w.add_tensor(&name, &dims, enc)?;
+        }
+        for t in w.tensors() {
+            data += t.nbytes.div_ceil(32) * 32;
+        }
+        let mut file = std::fs::File::create(path)?;
+        let header = w.begin(Vec::new())?.into_header();
+        file.write_all(&header)?;
+        file.set_len(header.len() as u64 + data)?;
+        Ok(())
+    }
+
     pub fn to_bytes(&self) -> io::Result<Vec<u8>> {
         let mut v = Vec::new();
         self.write(&mut v)?;

@@ -320,6 +320,12 @@ impl<W: Write> TensorStream<W> {
         Ok(())
     }
 
+    /// The writer back, before any tensor data (for writers that lay out the data
+    /// themselves).
+    pub fn into_header(self) -> W {
+        self.w
+    }
+
     pub fn finish(mut self) -> io::Result<W> {
         if let Some(t) = self.tensors.get(self.next) {
             return Err(invalid(format!(

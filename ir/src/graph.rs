@@ -127,6 +127,11 @@ impl Graph {
         self.add(Op::Output { name: name.into() }, &[v]).map(|_| ())
     }
 
+    /// Whether a node exists (a rewrite may have removed it).
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.g.contains_node(id)
+    }
+
     pub fn node(&self, id: NodeId) -> &Node {
         &self.g[id]
     }
@@ -151,6 +156,90 @@ impl Graph {
     /// The nodes using any result of `id`, with the operand slot.
     pub fn users(&self, id: NodeId) -> impl Iterator<Item = (NodeId, u32)> + '_ {
         self.g.edges(id).map(|e| (e.target(), *e.weight()))
+    }
+
+    /// Every use of a value: the using node and the operand slot.
+    pub fn uses(&self, v: Value) -> Vec<(NodeId, usize)> {
+        let mut out: Vec<(NodeId, usize)> = self
+            .users(v.node)
+            .filter(|&(user, slot)| self.g[user].operands[slot as usize] == v)
+            .map(|(user, slot)| (user, slot as usize))
+            .collect();
+        out.sort_by_key(|&(n, s)| (self.g[n].seq, s));
+        out.dedup();
+        out
+    }
+
+    /// Makes every user of `old` use `new` instead.
+    pub fn replace_all_uses(&mut self, old: Value, new: Value) {
+        for (user, slot) in self.uses(old) {
+            self.set_operand(user, slot, new);
+        }
+    }
+
+    /// Changes one operand of a node.
+    pub fn set_operand(&mut self, node: NodeId, slot: usize, v: Value) {
+        let old = self.g[node].operands[slot];
+        if let Some(e) = self
+            .g
+            .edges_connecting(old.node, node)
+            .find(|e| *e.weight() == slot as u32)
+            .map(|e| e.id())
+        {
+            self.g.remove_edge(e);
+        }
+        self.g[node].operands[slot] = v;
+        self.g.add_edge(v.node, node, slot as u32);
+    }
+
+    /// Places `node` where `like` is in the order (ties go to the older node), so a rewrite
+    /// keeps the order of the graph it rewrites.
+    pub fn place_like(&mut self, node: NodeId, like: NodeId) {
+        self.g[node].seq = self.g[like].seq;
+    }
+
+    /// Replaces a node's op, keeping its operands and result types.
+    pub fn set_op(&mut self, node: NodeId, op: Op) {
+        self.g[node].op = op;
+    }
+
+    /// Removes a node; its results must be unused.
+    pub fn remove_node(&mut self, id: NodeId) -> Result<Node, IrError> {
+        if self.users(id).next().is_some() {
+            return Err(IrError::Invalid {
+                op: self.g[id].op.name().into(),
+                message: "cannot remove a node whose results are used".into(),
+            });
+        }
+        self.g.remove_node(id).ok_or_else(|| IrError::Invalid {
+            op: "graph".into(),
+            message: "no such node".into(),
+        })
+    }
+
+    /// Makes `order` (a topological order of every node) the graph's order, so it is the order
+    /// printed and scheduled.
+    pub fn set_order(&mut self, order: &[NodeId]) -> Result<(), IrError> {
+        if order.len() != self.g.node_count() {
+            return Err(IrError::Invalid {
+                op: "schedule".into(),
+                message: "the order must hold every node once".into(),
+            });
+        }
+        let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        for e in (&self.g).edge_references() {
+            if pos[&e.source()] >= pos[&e.target()] {
+                return Err(IrError::Invalid {
+                    op: "schedule".into(),
+                    message: "the order puts a use before its definition".into(),
+                });
+            }
+        }
+        for (i, n) in order.iter().enumerate() {
+            self.g[*n].seq = i as u64;
+        }
+        self.next_seq = order.len() as u64;
+        Ok(())
     }
 
     /// A deterministic topological order: among ready nodes, the one inserted first.

@@ -9,7 +9,7 @@ use crate::encoding::{Encoding, QK_K, i2s_scale};
 use crate::graph::{Graph, IrError, Value};
 use crate::numerics::{self, Lanes8};
 use crate::op::Op;
-use crate::types::{Activation, DType, DotPath, RopeStyle};
+use crate::types::{Activation, DType, DotPath, RopeStyle, TensorType};
 use half::f16;
 use std::collections::HashMap;
 
@@ -164,6 +164,81 @@ pub struct Inputs<'a> {
     pub positions: &'a [i32],
 }
 
+/// An operand of one op: a tensor, or a weight given as its parts in row order (one part for
+/// a plain weight, several for `weight_concat`).
+pub enum Arg<'a> {
+    Tensor(&'a Tensor),
+    Weight(Vec<WeightRef<'a>>),
+}
+
+impl Arg<'_> {
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Arg::Tensor(t) => t,
+            Arg::Weight(_) => unreachable!("verified graphs give tensors here"),
+        }
+    }
+
+    fn weight(&self) -> &[WeightRef<'_>] {
+        match self {
+            Arg::Weight(w) => w,
+            Arg::Tensor(_) => unreachable!("verified graphs give weights here"),
+        }
+    }
+}
+
+/// What one step reads and writes besides its operands.
+pub struct StepState<'a> {
+    pub t: usize,
+    pub p: usize,
+    pub inputs: Inputs<'a>,
+    pub kv: &'a mut KvCache,
+    pub outputs: HashMap<String, Tensor>,
+    pub wrote_cache: bool,
+}
+
+impl<'a> StepState<'a> {
+    /// Checks the inputs against the cache and starts a step.
+    pub fn new(inputs: Inputs<'a>, kv: &'a mut KvCache) -> Result<StepState<'a>, InterpError> {
+        let (t, p) = (inputs.tokens.len(), kv.len);
+        if p + t > kv.capacity {
+            return Err(InterpError::CacheFull {
+                capacity: kv.capacity,
+                cached: p,
+                tokens: t,
+            });
+        }
+        if inputs.positions.len() != t {
+            return Err(InterpError::InputLength {
+                name: "positions".into(),
+                got: inputs.positions.len(),
+                expected: t,
+            });
+        }
+        Ok(StepState {
+            t,
+            p,
+            inputs,
+            kv,
+            outputs: HashMap::new(),
+            wrote_cache: false,
+        })
+    }
+
+    /// Ends the step: the cache now holds this step's positions.
+    pub fn finish(self) -> HashMap<String, Tensor> {
+        if self.wrote_cache {
+            self.kv.len = self.p + self.t;
+        }
+        self.outputs
+    }
+}
+
+/// Whether an op only names weight data (and computes nothing).
+pub fn is_weight_op(op: &Op) -> bool {
+    matches!(op, Op::Weight { .. } | Op::WeightConcat | Op::Repack { .. })
+}
+
 /// Runs `graph` for `inputs.tokens.len()` tokens after the cached positions of `kv`, appending
 /// this step's keys and values to `kv`. Returns every graph output by name.
 pub fn run(
@@ -172,22 +247,7 @@ pub fn run(
     inputs: Inputs<'_>,
     kv: &mut KvCache,
 ) -> Result<HashMap<String, Tensor>, InterpError> {
-    let t = inputs.tokens.len();
-    let p = kv.len;
-    if p + t > kv.capacity {
-        return Err(InterpError::CacheFull {
-            capacity: kv.capacity,
-            cached: p,
-            tokens: t,
-        });
-    }
-    if inputs.positions.len() != t {
-        return Err(InterpError::InputLength {
-            name: "positions".into(),
-            got: inputs.positions.len(),
-            expected: t,
-        });
-    }
+    let mut state = StepState::new(inputs, kv)?;
     let order = graph.order()?;
     // How many more times each value is read, so that dead values are freed.
     let mut remaining: HashMap<Value, usize> = HashMap::new();
@@ -197,188 +257,22 @@ pub fn run(
         }
     }
     let mut env: HashMap<Value, Tensor> = HashMap::new();
-    let mut outputs = HashMap::new();
-    let mut wrote_cache = false;
     for id in order {
         let node = graph.node(id);
-        let shapes: Vec<Vec<usize>> = node.results.iter().map(|r| r.eval_shape(t, p)).collect();
-        // Weights are read through `weight_of`, not from the environment.
-        static WEIGHT: Tensor = Tensor {
-            shape: Vec::new(),
-            data: Data::F32(Vec::new()),
-        };
-        let args: Vec<&Tensor> = node
+        if is_weight_op(&node.op) {
+            continue;
+        }
+        let args: Vec<Arg<'_>> = node
             .operands
             .iter()
-            .map(|v| env.get(v).unwrap_or(&WEIGHT))
-            .collect();
-        let err = |message: String| InterpError::Op {
-            op: node.op.name(),
-            message,
-        };
-        let results: Vec<Tensor> = match &node.op {
-            Op::Input { name } => {
-                let v = match name.as_str() {
-                    "tokens" => inputs.tokens,
-                    "positions" => inputs.positions,
-                    _ => return Err(InterpError::MissingInput(name.clone())),
-                };
-                vec![Tensor {
-                    shape: vec![t],
-                    data: Data::I32(v.to_vec()),
-                }]
-            }
-            Op::Weight { .. } => Vec::new(),
-            Op::Output { name } => {
-                outputs.insert(name.clone(), args[0].clone());
-                Vec::new()
-            }
-            Op::Embed => {
-                let w = weight_of(graph, weights, node.operands[1])?;
-                let (vocab, h) = (w.shape[0] as usize, w.shape[1] as usize);
-                let ids = i32s(args[0]);
-                let mut out = vec![0.0f32; t * h];
-                for (i, &id) in ids.iter().enumerate() {
-                    if id < 0 || id as usize >= vocab {
-                        return Err(InterpError::TokenOutOfRange {
-                            id,
-                            index: i,
-                            vocab,
-                        });
-                    }
-                    w.encoding
-                        .decode_range(
-                            w.bytes,
-                            (vocab * h) as u64,
-                            (id as usize * h) as u64,
-                            &mut out[i * h..(i + 1) * h],
-                        )
-                        .map_err(|e| err(e.to_string()))?;
-                }
-                vec![Tensor::f32(shapes[0].clone(), out)]
-            }
-            Op::RmsNorm { eps } => {
-                let x = f32s(args[0]);
-                let gain = float_weight(graph, weights, node.operands[1])?;
-                let n = gain.len();
-                let mut y = vec![0.0f32; x.len()];
-                for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-                    numerics::rms_norm(xr, &gain, *eps, yr);
-                }
-                vec![Tensor::f32(shapes[0].clone(), y)]
-            }
-            Op::QuantAct => {
-                let x = f32s(args[0]);
-                let k = shapes[0][1];
-                let mut q = vec![0i8; x.len()];
-                let mut s = vec![0.0f32; t];
-                for ((xr, qr), s) in x
-                    .chunks_exact(k)
-                    .zip(q.chunks_exact_mut(k))
-                    .zip(s.iter_mut())
-                {
-                    *s = numerics::quant_act_i8(xr, qr);
-                }
-                vec![
-                    Tensor {
-                        shape: shapes[0].clone(),
-                        data: Data::I8(q),
-                    },
-                    Tensor::f32(shapes[1].clone(), s),
-                ]
-            }
-            Op::TMatmul => {
-                let w = weight_of(graph, weights, node.operands[2])?;
-                let (q, s) = (i8s(args[0]), f32s(args[1]));
-                vec![Tensor::f32(
-                    shapes[0].clone(),
-                    tmatmul(q, s, w).map_err(err)?,
-                )]
-            }
-            Op::Matmul { half } => {
-                let w = weight_of(graph, weights, node.operands[1])?;
-                let y = matmul(f32s(args[0]), w, half.path(t)).map_err(err)?;
-                vec![Tensor::f32(shapes[0].clone(), y)]
-            }
-            Op::Mul | Op::Add => {
-                let (a, b) = (f32s(args[0]), f32s(args[1]));
-                let mul = matches!(node.op, Op::Mul);
-                let y = a
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &x)| {
-                        let y = if b.len() == 1 { b[0] } else { b[i] };
-                        if mul { x * y } else { x + y }
-                    })
-                    .collect();
-                vec![Tensor::f32(shapes[0].clone(), y)]
-            }
-            Op::Act { act } => {
-                let f = match act {
-                    Activation::Silu => numerics::silu,
-                    Activation::Relu2 => numerics::relu2,
-                };
-                vec![Tensor::f32(
-                    shapes[0].clone(),
-                    f32s(args[0]).iter().map(|&x| f(x)).collect(),
-                )]
-            }
-            Op::Reshape { .. } => vec![Tensor::f32(shapes[0].clone(), f32s(args[0]).to_vec())],
-            Op::Rope { theta, style, dims } => {
-                let mut x = f32s(args[0]).to_vec();
-                let (heads, d) = (shapes[0][1], shapes[0][2]);
-                for (tok, &pos) in i32s(args[1]).iter().enumerate() {
-                    let cache = numerics::rope_cache(pos, *theta, *dims as usize);
-                    for h in 0..heads {
-                        let at = (tok * heads + h) * d;
-                        numerics::rope_head(&mut x[at..at + d], &cache, *style == RopeStyle::Neox);
-                    }
-                }
-                vec![Tensor::f32(shapes[0].clone(), x)]
-            }
-            Op::KvAppend { layer, cache } => {
-                let (g, d) = (shapes[0][1], shapes[0][2]);
-                let cap = kv.capacity * g * d;
-                let entry = kv.layers.entry(*layer).or_insert_with(|| match cache {
-                    DType::F16 => (
-                        CacheBuf::F16(vec![f16::ZERO; cap]),
-                        CacheBuf::F16(vec![f16::ZERO; cap]),
-                    ),
-                    _ => (CacheBuf::F32(vec![0.0; cap]), CacheBuf::F32(vec![0.0; cap])),
-                });
-                let (k, v) = (f32s(args[0]), f32s(args[1]));
-                for (i, (&kx, &vx)) in k.iter().zip(v).enumerate() {
-                    entry.0.set(p * g * d + i, kx);
-                    entry.1.set(p * g * d + i, vx);
-                }
-                wrote_cache = true;
-                let read =
-                    |b: &CacheBuf| (0..(p + t) * g * d).map(|i| b.get(i)).collect::<Vec<f32>>();
-                vec![
-                    Tensor::f32(shapes[0].clone(), read(&entry.0)),
-                    Tensor::f32(shapes[1].clone(), read(&entry.1)),
-                ]
-            }
-            Op::Attention { scale, kq, kqv } => {
-                // An f32 cache has no half-precision dot products.
-                let f16_cache = matches!(graph.ty(node.operands[1]).dtype, DType::F16);
-                let paths = if f16_cache {
-                    (kq.path(t), kqv.path(t))
-                } else {
-                    (DotPath::F32, DotPath::F32)
-                };
-                let out = attention(
-                    f32s(args[0]),
-                    f32s(args[1]),
-                    f32s(args[2]),
-                    &shapes[0],
-                    p,
-                    *scale,
-                    paths,
-                );
-                vec![Tensor::f32(shapes[0].clone(), out)]
-            }
-        };
+            .map(|v| match env.get(v) {
+                Some(t) => Ok(Arg::Tensor(t)),
+                None => resolve_weight(graph, weights, *v).map(Arg::Weight),
+            })
+            .collect::<Result<_, _>>()?;
+        let operand_types: Vec<&TensorType> = node.operands.iter().map(|v| graph.ty(*v)).collect();
+        let results = eval_op(&node.op, &args, &operand_types, &node.results, &mut state)?;
+        drop(args);
         for v in &node.operands {
             let r = remaining.get_mut(v).expect("counted");
             *r -= 1;
@@ -396,10 +290,411 @@ pub fn run(
             }
         }
     }
-    if wrote_cache {
-        kv.len = p + t;
+    Ok(state.finish())
+}
+
+/// Runs a plan for one step like [`run`], with every activation in `arena` at the offset
+/// memory planning gave it (the arena grows to the size the step needs). Running a plan this
+/// way checks its memory plan: buffers that overlapped while alive would corrupt the results.
+pub fn run_plan(
+    plan: &crate::plan::Plan,
+    weights: &dyn WeightSource,
+    inputs: Inputs<'_>,
+    kv: &mut KvCache,
+    arena: &mut Vec<u8>,
+) -> Result<HashMap<String, Tensor>, InterpError> {
+    use crate::plan::Storage;
+    let mut state = StepState::new(inputs, kv)?;
+    let (t, p) = (state.t, state.p);
+    let per_token = plan.arena_bytes_per_token.ok_or(InterpError::Op {
+        op: "plan",
+        message: "memory is not planned".into(),
+    })?;
+    arena.resize((per_token as usize) * t, 0);
+    let bad = |message: String| InterpError::Op {
+        op: "plan",
+        message,
+    };
+    let mut cache_values: HashMap<u32, Tensor> = HashMap::new();
+    let mut weight_parts: HashMap<u32, Vec<WeightRef<'_>>> = HashMap::new();
+    for (i, b) in plan.buffers.iter().enumerate() {
+        if let Storage::Weight { parts, .. } = &b.storage {
+            let refs = parts
+                .iter()
+                .map(|part| {
+                    let shape: Vec<u64> = part
+                        .ty
+                        .shape
+                        .iter()
+                        .map(|d| d.fixed().unwrap_or(0))
+                        .collect();
+                    fetch_weight(weights, &part.name, part.ty.dtype, &shape)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            weight_parts.insert(i as u32, refs);
+        }
     }
-    Ok(outputs)
+    for step in &plan.steps {
+        let mut loaded: Vec<Option<Tensor>> = Vec::with_capacity(step.operands.len());
+        for &b in &step.operands {
+            let buf = plan
+                .buffers
+                .get(b as usize)
+                .ok_or_else(|| bad(format!("buffer {b} does not exist")))?;
+            loaded.push(match &buf.storage {
+                Storage::Input { name } => {
+                    let v = match name.as_str() {
+                        "tokens" => state.inputs.tokens,
+                        "positions" => state.inputs.positions,
+                        _ => return Err(InterpError::MissingInput(name.clone())),
+                    };
+                    Some(Tensor {
+                        shape: vec![t],
+                        data: Data::I32(v.to_vec()),
+                    })
+                }
+                Storage::Weight { .. } => None,
+                Storage::Cache => {
+                    Some(cache_values.get(&b).cloned().ok_or_else(|| {
+                        bad(format!("cache buffer {b} read before it is written"))
+                    })?)
+                }
+                Storage::Arena { offset } => {
+                    let offset = offset.ok_or_else(|| bad(format!("buffer {b} has no offset")))?;
+                    Some(read_arena(arena, offset as usize * t, &buf.ty, t, p))
+                }
+            });
+        }
+        let args: Vec<Arg<'_>> = step
+            .operands
+            .iter()
+            .zip(&loaded)
+            .map(|(b, l)| match l {
+                Some(t) => Arg::Tensor(t),
+                None => Arg::Weight(weight_parts[b].clone()),
+            })
+            .collect();
+        let operand_types: Vec<&TensorType> = step
+            .operands
+            .iter()
+            .map(|&b| &plan.buffers[b as usize].ty)
+            .collect();
+        let result_types: Vec<TensorType> = step
+            .results
+            .iter()
+            .map(|&b| plan.buffers[b as usize].ty.clone())
+            .collect();
+        let results = eval_op(&step.op, &args, &operand_types, &result_types, &mut state)?;
+        for (&b, r) in step.results.iter().zip(results) {
+            match &plan.buffers[b as usize].storage {
+                Storage::Cache => {
+                    cache_values.insert(b, r);
+                }
+                Storage::Arena { offset: Some(o) } => write_arena(arena, *o as usize * t, &r),
+                _ => {
+                    return Err(bad(format!(
+                        "step {} writes buffer {b}, which is not an activation",
+                        step.op.name()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(state.finish())
+}
+
+fn read_arena(arena: &[u8], at: usize, ty: &TensorType, t: usize, p: usize) -> Tensor {
+    let shape = ty.eval_shape(t, p);
+    let n: usize = shape.iter().product();
+    let data = match ty.dtype {
+        DType::I8 => Data::I8(arena[at..at + n].iter().map(|&b| b as i8).collect()),
+        DType::I32 => Data::I32(
+            arena[at..at + 4 * n]
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        _ => Data::F32(
+            arena[at..at + 4 * n]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+    };
+    Tensor { shape, data }
+}
+
+fn write_arena(arena: &mut [u8], at: usize, t: &Tensor) {
+    match &t.data {
+        Data::I8(v) => {
+            for (d, &x) in arena[at..at + v.len()].iter_mut().zip(v) {
+                *d = x as u8;
+            }
+        }
+        Data::I32(v) => {
+            for (d, x) in arena[at..at + 4 * v.len()].chunks_exact_mut(4).zip(v) {
+                d.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        Data::F32(v) => {
+            for (d, x) in arena[at..at + 4 * v.len()].chunks_exact_mut(4).zip(v) {
+                d.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Evaluates one (non-weight) op.
+pub fn eval_op(
+    op: &Op,
+    args: &[Arg<'_>],
+    operand_types: &[&TensorType],
+    result_types: &[TensorType],
+    state: &mut StepState<'_>,
+) -> Result<Vec<Tensor>, InterpError> {
+    let (t, p) = (state.t, state.p);
+    let shapes: Vec<Vec<usize>> = result_types.iter().map(|r| r.eval_shape(t, p)).collect();
+    let err = |message: String| InterpError::Op {
+        op: op.name(),
+        message,
+    };
+    let f32s = |i: usize| f32s(args[i].tensor());
+    Ok(match op {
+        Op::Weight { .. } | Op::WeightConcat | Op::Repack { .. } => Vec::new(),
+        Op::Input { name } => {
+            let v = match name.as_str() {
+                "tokens" => state.inputs.tokens,
+                "positions" => state.inputs.positions,
+                _ => return Err(InterpError::MissingInput(name.clone())),
+            };
+            vec![Tensor {
+                shape: vec![t],
+                data: Data::I32(v.to_vec()),
+            }]
+        }
+        Op::Output { name } => {
+            state.outputs.insert(name.clone(), args[0].tensor().clone());
+            Vec::new()
+        }
+        Op::Embed => {
+            let w = single(args[1].weight()).map_err(err)?;
+            let (vocab, h) = (w.shape[0] as usize, w.shape[1] as usize);
+            let ids = i32s(args[0].tensor());
+            let mut out = vec![0.0f32; t * h];
+            for (i, &id) in ids.iter().enumerate() {
+                if id < 0 || id as usize >= vocab {
+                    return Err(InterpError::TokenOutOfRange {
+                        id,
+                        index: i,
+                        vocab,
+                    });
+                }
+                w.encoding
+                    .decode_range(
+                        w.bytes,
+                        (vocab * h) as u64,
+                        (id as usize * h) as u64,
+                        &mut out[i * h..(i + 1) * h],
+                    )
+                    .map_err(|e| err(e.to_string()))?;
+            }
+            vec![Tensor::f32(shapes[0].clone(), out)]
+        }
+        Op::RmsNorm { eps } => {
+            let gain = float_weight(args[1].weight()).map_err(err)?;
+            vec![Tensor::f32(
+                shapes[0].clone(),
+                rms_norm_rows(f32s(0), &gain, *eps),
+            )]
+        }
+        Op::QuantAct => {
+            let (q, s) = quant_rows(f32s(0), shapes[0][1]);
+            vec![
+                Tensor {
+                    shape: shapes[0].clone(),
+                    data: Data::I8(q),
+                },
+                Tensor::f32(shapes[1].clone(), s),
+            ]
+        }
+        Op::TMatmul => {
+            let (q, s) = (i8s(args[0].tensor()), f32s(1));
+            vec![Tensor::f32(
+                shapes[0].clone(),
+                tmatmul(q, s, args[2].weight()).map_err(err)?,
+            )]
+        }
+        Op::Matmul { half } => {
+            let y = matmul(f32s(0), args[1].weight(), half.path(t)).map_err(err)?;
+            vec![Tensor::f32(shapes[0].clone(), y)]
+        }
+        Op::Linear {
+            norm,
+            glu,
+            residual,
+            half,
+        } => {
+            let w = args[1].weight();
+            let mut next = 2;
+            let normed;
+            let x = match norm {
+                Some(eps) => {
+                    let gain = float_weight(args[next].weight()).map_err(err)?;
+                    next += 1;
+                    normed = rms_norm_rows(f32s(0), &gain, *eps);
+                    &normed[..]
+                }
+                None => f32s(0),
+            };
+            let mut y = if w[0].encoding == Encoding::I2S {
+                let (q, s) = quant_rows(x, operand_types[0].shape[1].fixed().unwrap_or(0) as usize);
+                tmatmul(&q, &s, w).map_err(err)?
+            } else {
+                matmul(x, w, half.path(t)).map_err(err)?
+            };
+            if let Some(act) = glu {
+                let n = y.len() / t;
+                let f = activation(*act);
+                y = y
+                    .chunks_exact(n)
+                    .flat_map(|row| (0..n / 2).map(move |j| f(row[j]) * row[n / 2 + j]))
+                    .collect();
+            }
+            if *residual {
+                for (y, &r) in y.iter_mut().zip(f32s(next)) {
+                    // r + y as `add` computes it (IEEE addition commutes).
+                    *y += r;
+                }
+            }
+            vec![Tensor::f32(shapes[0].clone(), y)]
+        }
+        Op::Split { sizes } => {
+            let x = f32s(0);
+            let n: usize = sizes.iter().sum::<u64>() as usize;
+            let mut start = 0;
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| {
+                    let size = size as usize;
+                    let part: Vec<f32> = x
+                        .chunks_exact(n)
+                        .flat_map(|row| row[start..start + size].iter().copied())
+                        .collect();
+                    start += size;
+                    Tensor::f32(shapes[i].clone(), part)
+                })
+                .collect()
+        }
+        Op::Mul | Op::Add => {
+            // `b` may be a weight (a `.scale` tensor).
+            let decoded;
+            let b = match &args[1] {
+                Arg::Tensor(t) => self::f32s(t),
+                Arg::Weight(w) => {
+                    decoded = float_weight(w).map_err(err)?;
+                    &decoded[..]
+                }
+            };
+            let a = f32s(0);
+            let mul = matches!(op, Op::Mul);
+            let y = a
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    let y = if b.len() == 1 { b[0] } else { b[i] };
+                    if mul { x * y } else { x + y }
+                })
+                .collect();
+            vec![Tensor::f32(shapes[0].clone(), y)]
+        }
+        Op::Act { act } => {
+            let f = activation(*act);
+            vec![Tensor::f32(
+                shapes[0].clone(),
+                f32s(0).iter().map(|&x| f(x)).collect(),
+            )]
+        }
+        Op::Reshape { .. } => vec![Tensor::f32(shapes[0].clone(), f32s(0).to_vec())],
+        Op::Rope { theta, style, dims } => {
+            let mut x = f32s(0).to_vec();
+            let (heads, d) = (shapes[0][1], shapes[0][2]);
+            for (tok, &pos) in i32s(args[1].tensor()).iter().enumerate() {
+                let cache = numerics::rope_cache(pos, *theta, *dims as usize);
+                for h in 0..heads {
+                    let at = (tok * heads + h) * d;
+                    numerics::rope_head(&mut x[at..at + d], &cache, *style == RopeStyle::Neox);
+                }
+            }
+            vec![Tensor::f32(shapes[0].clone(), x)]
+        }
+        Op::KvAppend { layer, cache } => {
+            let (g, d) = (shapes[0][1], shapes[0][2]);
+            let cap = state.kv.capacity * g * d;
+            let entry = state
+                .kv
+                .layers
+                .entry(*layer)
+                .or_insert_with(|| match cache {
+                    DType::F16 => (
+                        CacheBuf::F16(vec![f16::ZERO; cap]),
+                        CacheBuf::F16(vec![f16::ZERO; cap]),
+                    ),
+                    _ => (CacheBuf::F32(vec![0.0; cap]), CacheBuf::F32(vec![0.0; cap])),
+                });
+            let (k, v) = (f32s(0), f32s(1));
+            for (i, (&kx, &vx)) in k.iter().zip(v).enumerate() {
+                entry.0.set(p * g * d + i, kx);
+                entry.1.set(p * g * d + i, vx);
+            }
+            state.wrote_cache = true;
+            let read = |b: &CacheBuf| (0..(p + t) * g * d).map(|i| b.get(i)).collect::<Vec<f32>>();
+            vec![
+                Tensor::f32(shapes[0].clone(), read(&entry.0)),
+                Tensor::f32(shapes[1].clone(), read(&entry.1)),
+            ]
+        }
+        Op::Attention { scale, kq, kqv } => {
+            // An f32 cache has no half-precision dot products.
+            let f16_cache = matches!(operand_types[1].dtype, DType::F16);
+            let paths = if f16_cache {
+                (kq.path(t), kqv.path(t))
+            } else {
+                (DotPath::F32, DotPath::F32)
+            };
+            let out = attention(f32s(0), f32s(1), f32s(2), &shapes[0], p, *scale, paths);
+            vec![Tensor::f32(shapes[0].clone(), out)]
+        }
+    })
+}
+
+fn activation(act: Activation) -> fn(f32) -> f32 {
+    match act {
+        Activation::Silu => numerics::silu,
+        Activation::Relu2 => numerics::relu2,
+    }
+}
+
+fn rms_norm_rows(x: &[f32], gain: &[f32], eps: f32) -> Vec<f32> {
+    let n = gain.len();
+    let mut y = vec![0.0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        numerics::rms_norm(xr, gain, eps, yr);
+    }
+    y
+}
+
+fn quant_rows(x: &[f32], k: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; x.len()];
+    let mut s = vec![0.0f32; x.len() / k.max(1)];
+    for ((xr, qr), s) in x
+        .chunks_exact(k)
+        .zip(q.chunks_exact_mut(k))
+        .zip(s.iter_mut())
+    {
+        *s = numerics::quant_act_i8(xr, qr);
+    }
+    (q, s)
 }
 
 fn f32s(t: &Tensor) -> &[f32] {
@@ -423,27 +718,56 @@ fn i32s(t: &Tensor) -> &[i32] {
     }
 }
 
-/// The weight behind a `weight` value, checked against the graph's type for it.
-fn weight_of<'w>(
+/// The weight parts behind a weight-valued graph value (`weight`, `repack`, `weight_concat`),
+/// each checked against the graph's type for it.
+pub fn resolve_weight<'w>(
     graph: &Graph,
     weights: &'w dyn WeightSource,
     v: Value,
-) -> Result<WeightRef<'w>, InterpError> {
-    let Op::Weight { name } = &graph.node(v.node).op else {
-        return Err(InterpError::Op {
-            op: "weight",
+) -> Result<Vec<WeightRef<'w>>, InterpError> {
+    let node = graph.node(v.node);
+    match &node.op {
+        Op::Weight { name } => {
+            let ty = graph.ty(v);
+            let shape: Vec<u64> = ty.shape.iter().map(|d| d.fixed().unwrap_or(0)).collect();
+            Ok(vec![fetch_weight(weights, name, ty.dtype, &shape)?])
+        }
+        Op::Repack { .. } => resolve_weight(graph, weights, node.operands[0]),
+        Op::WeightConcat => {
+            let mut parts = Vec::new();
+            for &o in &node.operands {
+                parts.extend(resolve_weight(graph, weights, o)?);
+            }
+            Ok(parts)
+        }
+        other => Err(InterpError::Op {
+            op: other.name(),
             message: "operand is not a weight".into(),
-        });
-    };
+        }),
+    }
+}
+
+/// A named weight, checked to have the encoding and shape the graph declares.
+pub fn fetch_weight<'w>(
+    weights: &'w dyn WeightSource,
+    name: &str,
+    dtype: DType,
+    shape: &[u64],
+) -> Result<WeightRef<'w>, InterpError> {
     let w = weights
         .weight(name)
-        .ok_or_else(|| InterpError::MissingWeight(name.clone()))?;
-    let ty = graph.ty(v);
-    let shape: Vec<u64> = ty.shape.iter().map(|d| d.fixed().unwrap_or(0)).collect();
-    if DType::of_encoding(w.encoding) != ty.dtype || w.shape != shape.as_slice() {
+        .ok_or_else(|| InterpError::MissingWeight(name.into()))?;
+    if DType::of_encoding(w.encoding) != dtype || w.shape != shape {
         return Err(InterpError::WeightType {
-            name: name.clone(),
-            expected: ty.to_string(),
+            name: name.into(),
+            expected: TensorType::new(
+                dtype,
+                shape
+                    .iter()
+                    .map(|&d| crate::types::Dim::Fixed(d))
+                    .collect::<Vec<_>>(),
+            )
+            .to_string(),
             found: w.encoding,
             found_shape: w.shape.to_vec(),
         });
@@ -451,21 +775,50 @@ fn weight_of<'w>(
     Ok(w)
 }
 
-fn float_weight(
-    graph: &Graph,
-    weights: &dyn WeightSource,
-    v: Value,
-) -> Result<Vec<f32>, InterpError> {
-    let w = weight_of(graph, weights, v)?;
+fn single<'a, 'w>(parts: &'a [WeightRef<'w>]) -> Result<&'a WeightRef<'w>, String> {
+    match parts {
+        [w] => Ok(w),
+        _ => Err(format!("expects one weight, got {} parts", parts.len())),
+    }
+}
+
+fn float_weight(parts: &[WeightRef<'_>]) -> Result<Vec<f32>, String> {
+    let w = single(parts)?;
     let n: u64 = w.shape.iter().product();
-    w.encoding.decode(w.bytes, n).map_err(|e| InterpError::Op {
-        op: "weight",
-        message: e.to_string(),
-    })
+    w.encoding.decode(w.bytes, n).map_err(|e| e.to_string())
+}
+
+/// Applies `f` to each part of a weight (rows stacked) and places each part's output columns.
+fn by_part(
+    parts: &[WeightRef<'_>],
+    t: usize,
+    f: impl Fn(&WeightRef<'_>) -> Result<Vec<f32>, String>,
+) -> Result<Vec<f32>, String> {
+    let n: usize = parts.iter().map(|w| w.shape[0] as usize).sum();
+    let mut y = vec![0.0f32; t * n];
+    let mut col = 0;
+    for w in parts {
+        let ni = w.shape[0] as usize;
+        let part = f(w)?;
+        for tok in 0..t {
+            y[tok * n + col..tok * n + col + ni].copy_from_slice(&part[tok * ni..(tok + 1) * ni]);
+        }
+        col += ni;
+    }
+    Ok(y)
+}
+
+fn tmatmul(q: &[i8], s: &[f32], parts: &[WeightRef<'_>]) -> Result<Vec<f32>, String> {
+    by_part(parts, s.len(), |w| tmatmul_part(q, s, w))
+}
+
+fn matmul(x: &[f32], parts: &[WeightRef<'_>], path: DotPath) -> Result<Vec<f32>, String> {
+    let k = parts[0].shape[1] as usize;
+    by_part(parts, x.len() / k.max(1), |w| matmul_part(x, w, path))
 }
 
 /// `y[t,n] = ((f32)Σ_k (c[n,k]−1)·q[t,k] / s[t]) · β` over I2_S codes in flattened order.
-fn tmatmul(q: &[i8], s: &[f32], w: WeightRef<'_>) -> Result<Vec<f32>, String> {
+fn tmatmul_part(q: &[i8], s: &[f32], w: &WeightRef<'_>) -> Result<Vec<f32>, String> {
     let (n, k) = (w.shape[0] as usize, w.shape[1] as usize);
     let total = (n * k) as u64;
     let expected = Encoding::I2S.byte_size(total).map_err(|e| e.to_string())?;
@@ -521,7 +874,7 @@ fn half_dot(path: DotPath, round: fn(f32) -> f32, a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// A matmul with the numerics of the weight's encoding; `path` applies to f16/bf16 weights.
-fn matmul(x: &[f32], w: WeightRef<'_>, path: DotPath) -> Result<Vec<f32>, String> {
+fn matmul_part(x: &[f32], w: &WeightRef<'_>, path: DotPath) -> Result<Vec<f32>, String> {
     let (n, k) = (w.shape[0] as usize, w.shape[1] as usize);
     let t = x.len() / k;
     let enc = w.encoding;

@@ -57,6 +57,25 @@ pub enum Op {
     },
     /// Marks `x` as the graph output `name`. Has no result.
     Output { name: String },
+    /// A fused linear layer, built by the passes: RMSNorm of `x` by `gain` when `norm` holds an
+    /// epsilon; the matmul of the weight's encoding (I2_S: bitnet.cpp's per-token int8 and
+    /// epilogue, as `quant_act` + `tmatmul`; others as `matmul` with path `half`); then
+    /// `act(y[:, :N/2]) · y[:, N/2:]` when `glu` names an activation; then `residual + y`:
+    /// `(x f32[T,K], w [N,K], [gain f32[K]], [residual f32[T,M]]) -> f32[T,M]`.
+    Linear {
+        norm: Option<f32>,
+        glu: Option<Activation>,
+        residual: bool,
+        half: HalfPath,
+    },
+    /// Weights stacked along their output rows, each keeping its own scales:
+    /// `(w0 [N0,K], w1 [N1,K], …) -> [N0+N1+…,K]`.
+    WeightConcat,
+    /// Consecutive column ranges: `(x f32[T,N0+N1+…]) -> (f32[T,N0], f32[T,N1], …)`.
+    Split { sizes: Vec<u64> },
+    /// The same weight stored in the layout `layout` that a kernel reads; the values it stands
+    /// for do not change: `(w [N,K]) -> [N,K]`.
+    Repack { layout: String },
 }
 
 impl Op {
@@ -78,14 +97,23 @@ impl Op {
             Op::KvAppend { .. } => "kv_append",
             Op::Attention { .. } => "attention",
             Op::Output { .. } => "output",
+            Op::Linear { .. } => "linear",
+            Op::WeightConcat => "weight_concat",
+            Op::Split { .. } => "split",
+            Op::Repack { .. } => "repack",
         }
     }
 
     /// Number of operands.
     pub fn arity(&self) -> usize {
         match self {
-            Op::Input { .. } | Op::Weight { .. } => 0,
-            Op::QuantAct | Op::Act { .. } | Op::Reshape { .. } | Op::Output { .. } => 1,
+            Op::Input { .. } | Op::Weight { .. } | Op::WeightConcat => 0,
+            Op::QuantAct
+            | Op::Act { .. }
+            | Op::Reshape { .. }
+            | Op::Output { .. }
+            | Op::Split { .. }
+            | Op::Repack { .. } => 1,
             Op::Embed
             | Op::RmsNorm { .. }
             | Op::Matmul { .. }
@@ -94,7 +122,13 @@ impl Op {
             | Op::Rope { .. }
             | Op::KvAppend { .. } => 2,
             Op::TMatmul | Op::Attention { .. } => 3,
+            Op::Linear { norm, residual, .. } => 2 + norm.is_some() as usize + *residual as usize,
         }
+    }
+
+    /// Whether the op takes any number of operands (at least two); `arity` is then 0.
+    pub fn is_variadic(&self) -> bool {
+        matches!(self, Op::WeightConcat)
     }
 
     /// The string operand printed in quotes after the op name (`input "tokens"`).
@@ -121,6 +155,22 @@ impl Op {
                 vec![("layer", layer.to_string()), ("cache", cache.name().into())]
             }
             Op::Matmul { half } => vec![("half", half.name().into())],
+            Op::Linear {
+                norm,
+                glu,
+                residual,
+                half,
+            } => vec![
+                ("norm", norm.map_or("none".into(), fmt_f32)),
+                ("glu", glu.map_or("none", |a| a.name()).into()),
+                ("residual", residual.to_string()),
+                ("half", half.name().into()),
+            ],
+            Op::Split { sizes } => {
+                let s: Vec<String> = sizes.iter().map(u64::to_string).collect();
+                vec![("sizes", format!("[{}]", s.join(",")))]
+            }
+            Op::Repack { layout } => vec![("layout", layout.clone())],
             Op::Attention { scale, kq, kqv } => {
                 vec![
                     ("scale", fmt_f32(*scale)),
@@ -220,6 +270,42 @@ impl Op {
                 kq: half_attr("kq")?,
                 kqv: half_attr("kqv")?,
             },
+            "linear" => Op::Linear {
+                norm: match attr("norm")? {
+                    "none" => None,
+                    _ => Some(f32_attr("norm")?),
+                },
+                glu: match attr("glu")? {
+                    "none" => None,
+                    a => Some(
+                        Activation::from_name(a)
+                            .ok_or_else(|| format!("linear: unknown activation '{a}'"))?,
+                    ),
+                },
+                residual: match attr("residual")? {
+                    "true" => true,
+                    "false" => false,
+                    r => return Err(format!("linear: residual={r} is not true or false")),
+                },
+                half: half_attr("half")?,
+            },
+            "weight_concat" => Op::WeightConcat,
+            "split" => Op::Split {
+                sizes: attr("sizes")?
+                    .strip_prefix('[')
+                    .and_then(|s| s.strip_suffix(']'))
+                    .ok_or("split: sizes must look like [a,b,…]")?
+                    .split(',')
+                    .map(|n| {
+                        n.trim()
+                            .parse::<u64>()
+                            .map_err(|_| format!("split: bad size '{n}'"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            },
+            "repack" => Op::Repack {
+                layout: attr("layout")?.to_string(),
+            },
             other => return Err(format!("unknown op '{other}'")),
         };
         let known: Vec<&str> = op.attributes().iter().map(|(k, _)| *k).collect();
@@ -232,7 +318,15 @@ impl Op {
     /// The result types of this op applied to operands of the given types, or why the operands
     /// do not fit. `Weight` and `Input` results are given by the caller (their type is data).
     pub fn infer(&self, operands: &[&TensorType]) -> Result<Vec<TensorType>, String> {
-        if operands.len() != self.arity() {
+        if self.is_variadic() {
+            if operands.len() < 2 {
+                return Err(format!(
+                    "{} takes at least 2 operands, got {}",
+                    self.name(),
+                    operands.len()
+                ));
+            }
+        } else if operands.len() != self.arity() {
             return Err(format!(
                 "{} takes {} operands, got {}",
                 self.name(),
@@ -382,6 +476,99 @@ impl Op {
                 )?;
                 let c = TensorType::new(*cache, vec![Dim::Ctx, k.shape[1], k.shape[2]]);
                 Ok(vec![c.clone(), c])
+            }
+            Op::Linear {
+                norm,
+                glu,
+                residual,
+                half,
+            } => {
+                let (x, w) = (operands[0], operands[1]);
+                expect(x.dtype == DType::F32 && x.rank() == 2, "x must be f32[T,K]")?;
+                expect(
+                    w.dtype.encoding().is_some() && w.rank() == 2 && w.shape[1] == x.shape[1],
+                    "w must be a weight [N,K] with x's K",
+                )?;
+                let half_weight = matches!(w.dtype, DType::F16 | DType::BF16);
+                expect(
+                    half_weight || *half == HalfPath::F32,
+                    "the half path applies to f16/bf16 weights only (f32 otherwise)",
+                )?;
+                let mut next = 2;
+                if norm.is_some() {
+                    let g = operands[next];
+                    expect(
+                        g.dtype.is_float() && g.shape == [x.shape[1]],
+                        "gain must be float[K]",
+                    )?;
+                    next += 1;
+                }
+                let n = w.shape[0].fixed().unwrap_or(0);
+                let out = match glu {
+                    Some(_) => {
+                        expect(
+                            n % 2 == 0,
+                            "a gated activation needs an even number of rows",
+                        )?;
+                        n / 2
+                    }
+                    None => n,
+                };
+                let y = f32_ty(vec![x.shape[0], Dim::Fixed(out)]);
+                if *residual {
+                    expect(
+                        *operands[next] == y,
+                        "the residual must have the output's type",
+                    )?;
+                }
+                Ok(vec![y])
+            }
+            Op::WeightConcat => {
+                let first = operands[0];
+                expect(
+                    first.dtype.encoding().is_some() && first.rank() == 2,
+                    "operands must be 2-D weights",
+                )?;
+                let mut rows = 0;
+                for w in operands {
+                    expect(
+                        w.dtype == first.dtype && w.rank() == 2 && w.shape[1] == first.shape[1],
+                        "weights must share dtype and K",
+                    )?;
+                    rows += w.shape[0].fixed().unwrap_or(0);
+                }
+                Ok(vec![TensorType::new(
+                    first.dtype,
+                    vec![Dim::Fixed(rows), first.shape[1]],
+                )])
+            }
+            Op::Split { sizes } => {
+                let x = operands[0];
+                expect(x.dtype == DType::F32 && x.rank() == 2, "x must be f32[T,N]")?;
+                expect(
+                    sizes.len() >= 2 && sizes.iter().all(|&s| s > 0),
+                    "sizes must be at least two positive numbers",
+                )?;
+                expect(
+                    Some(sizes.iter().sum::<u64>()) == x.shape[1].fixed(),
+                    "sizes must add up to N",
+                )?;
+                Ok(sizes
+                    .iter()
+                    .map(|&s| f32_ty(vec![x.shape[0], Dim::Fixed(s)]))
+                    .collect())
+            }
+            Op::Repack { layout } => {
+                let w = operands[0];
+                expect(w.dtype.encoding().is_some(), "repack takes a weight")?;
+                expect(
+                    !layout.is_empty()
+                        && layout
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "layout names use letters, digits and '_'",
+                )?;
+                Ok(vec![w.clone()])
             }
             Op::Attention { .. } => {
                 let (q, kc, vc) = (operands[0], operands[1], operands[2]);

@@ -213,6 +213,12 @@ impl Activation {
             Activation::Silu => "silu",
         }
     }
+
+    pub fn from_name(s: &str) -> Option<Activation> {
+        [Activation::Relu2, Activation::Silu]
+            .into_iter()
+            .find(|a| a.name() == s)
+    }
 }
 
 /// How a dot product against f16 (or bf16) data is evaluated. The reference engines take

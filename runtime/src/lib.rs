@@ -1,4 +1,4 @@
-//! The runtime: an [`Engine`] holds a model's graph and weights; a [`Session`] holds one
+//! The runtime: an [`Engine`] holds a model's plan and weights; a [`Session`] holds one
 //! sequence's KV cache and position and evaluates tokens through it (prefill with many tokens,
 //! decode with one). [`tokenizer`] turns text into tokens and back.
 
@@ -7,8 +7,9 @@ pub mod generate;
 pub mod sampling;
 pub mod tokenizer;
 
+use bitnetc_ir::IrError;
 use bitnetc_ir::interp::{self, Inputs, InterpError, KvCache, WeightSource};
-use bitnetc_ir::{Graph, IrError};
+use bitnetc_ir::plan::Plan;
 use std::sync::Arc;
 
 /// What went wrong running a model.
@@ -20,6 +21,8 @@ pub enum RuntimeError {
     Graph(#[from] IrError),
     #[error("the graph has no `logits` output")]
     NoLogits,
+    #[error("the plan's memory is not planned")]
+    Unplanned,
     #[error("no tokens to evaluate")]
     Empty,
     #[error(
@@ -32,23 +35,27 @@ pub enum RuntimeError {
     },
 }
 
-/// A model ready to run: its forward graph and its weights.
+/// A model ready to run: its plan and its weights.
 pub struct Engine {
-    graph: Graph,
+    plan: Plan,
     weights: Arc<dyn WeightSource + Send + Sync>,
     vocab: usize,
     context: usize,
 }
 
 impl Engine {
-    /// Checks the graph and binds it to its weights. `context` is the KV cache size of each
+    /// Checks the plan and binds it to its weights. `context` is the KV cache size of each
     /// session, in positions.
     pub fn new(
-        graph: Graph,
+        plan: Plan,
         weights: Arc<dyn WeightSource + Send + Sync>,
         context: usize,
     ) -> Result<Engine, RuntimeError> {
+        let graph = plan.to_graph()?;
         bitnetc_ir::verify::verify(&graph)?;
+        if plan.arena_bytes_per_token.is_none() {
+            return Err(RuntimeError::Unplanned);
+        }
         let (_, logits) = graph
             .outputs()
             .into_iter()
@@ -61,15 +68,15 @@ impl Engine {
             .and_then(|d| d.fixed())
             .ok_or(RuntimeError::NoLogits)? as usize;
         Ok(Engine {
-            graph,
+            plan,
             weights,
             vocab,
             context,
         })
     }
 
-    pub fn graph(&self) -> &Graph {
-        &self.graph
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -86,15 +93,17 @@ impl Engine {
             engine: self,
             kv: KvCache::new(self.context),
             history: Vec::new(),
+            arena: Vec::new(),
         }
     }
 }
 
-/// One sequence: its KV cache, and the tokens in it.
+/// One sequence: its KV cache, the tokens in it, and the arena its steps compute in.
 pub struct Session<'e> {
     engine: &'e Engine,
     kv: KvCache,
     history: Vec<u32>,
+    arena: Vec<u8>,
 }
 
 impl Session<'_> {
@@ -120,14 +129,15 @@ impl Session<'_> {
             .map(|&t| t.min(i32::MAX as u32) as i32)
             .collect();
         let positions: Vec<i32> = (0..tokens.len() as i32).map(|i| start + i).collect();
-        let mut out = interp::run(
-            &self.engine.graph,
+        let mut out = interp::run_plan(
+            &self.engine.plan,
             self.engine.weights.as_ref(),
             Inputs {
                 tokens: &ids,
                 positions: &positions,
             },
             &mut self.kv,
+            &mut self.arena,
         )?;
         let logits = out.remove("logits").ok_or(RuntimeError::NoLogits)?;
         self.history.extend_from_slice(tokens);

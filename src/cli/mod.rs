@@ -19,6 +19,7 @@ pub fn load(
         },
         context,
         pre_tokenizer,
+        passes: None,
     };
     Ok(bitnetc::load(model, opts)?)
 }

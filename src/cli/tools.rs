@@ -53,9 +53,58 @@ pub fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
 }
 
 pub fn compile(a: CompileArgs) -> Result<()> {
-    let model = super::load(&a.model, a.kv_cache, None, None)?;
+    use bitnetc::passes::{self, PassConfig, PassEvent, PassManager, PrintAfter};
+    let file = bitnetc::gguf::GgufFile::open(&a.model)?;
+    let config = bitnetc::gguf::ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
+    let lower_opts = bitnetc::gguf::lower::LowerOptions {
+        kv_cache: a.kv_cache.dtype(),
+    };
+    let mut graph = bitnetc::gguf::lower::lower(&file, &config, &lower_opts)?;
+    let pass_config = PassConfig::default();
+    let mut manager = match &a.passes {
+        Some(names) => PassManager::new(
+            &names.iter().map(String::as_str).collect::<Vec<_>>(),
+            &pass_config,
+        )?,
+        None => PassManager::default_pipeline(&pass_config),
+    };
+    if a.emit == Emit::Ir {
+        print!("{}", bitnetc::ir::text::print(&graph)?);
+        return Ok(());
+    }
+    manager.print_after = match a.print_after.as_slice() {
+        [] => PrintAfter::None,
+        [all] if all == "all" => PrintAfter::All,
+        names => PrintAfter::Passes(names.to_vec()),
+    };
+    manager.stop_after = a.stop_after.clone();
+    let mut timings = Vec::new();
+    manager.run(&mut graph, |event| match event {
+        PassEvent::Printed { pass, ir } => eprint!("--- IR after {pass} ---\n{ir}"),
+        PassEvent::Ran {
+            pass,
+            rewrites,
+            elapsed,
+        } => timings.push((pass, rewrites, elapsed)),
+    })?;
+    if a.time_passes {
+        let total: f64 = timings.iter().map(|t| t.2.as_secs_f64()).sum();
+        eprintln!("{:<18} {:>10} {:>10}", "pass", "rewrites", "ms");
+        for (pass, rewrites, elapsed) in &timings {
+            eprintln!(
+                "{pass:<18} {rewrites:>10} {:>10.3}",
+                elapsed.as_secs_f64() * 1e3
+            );
+        }
+        eprintln!("{:<18} {:>10} {:>10.3}", "total", "", total * 1e3);
+    }
     match a.emit {
-        Emit::Ir => print!("{}", bitnetc::ir::text::print(model.engine.graph())?),
+        Emit::Ir => unreachable!("printed above"),
+        Emit::Fused => print!("{}", bitnetc::ir::text::print(&graph)?),
+        Emit::Plan => {
+            let (plan, stats) = passes::memory::plan(&graph)?;
+            print!("{}", passes::memory::describe(&plan, &stats));
+        }
     }
     Ok(())
 }

@@ -379,3 +379,78 @@ fn run_needs_a_prompt() {
         stderr(&o)
     );
 }
+
+#[test]
+fn compile_runs_named_passes_and_prints_stages() {
+    let model = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let m = model.to_str().unwrap();
+    let o = bitnetc(&["compile", m, "--emit", "fused"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o)
+            .lines()
+            .filter(|l| l.contains(" = linear "))
+            .count(),
+        4 * 4 + 1
+    );
+    let o = bitnetc(&[
+        "compile",
+        m,
+        "--emit",
+        "fused",
+        "--passes",
+        "canonicalize,fuse-norm",
+        "--print-after",
+        "canonicalize",
+        "--time-passes",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("--- IR after canonicalize ---"), "{err}");
+    assert!(err.contains("fuse-norm"), "{err}");
+    assert!(
+        !stdout(&o).contains("weight_concat"),
+        "fuse-horizontal did not run"
+    );
+    let o = bitnetc(&[
+        "compile",
+        m,
+        "--emit",
+        "fused",
+        "--stop-after",
+        "fuse-horizontal",
+    ]);
+    assert!(
+        stdout(&o).contains("weight_concat") && stdout(&o).contains(" = act "),
+        "{}",
+        stdout(&o)
+    );
+    let o = bitnetc(&["compile", m, "--emit", "plan"]);
+    assert!(
+        stdout(&o).starts_with("# 55 steps, 34 weight buffers; arena 9216 bytes per token"),
+        "{}",
+        stdout(&o)
+    );
+    let o = bitnetc(&["compile", m, "--passes", "canonicalize,fuse-everything"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("unknown pass 'fuse-everything'; passes are: canonicalize, cse"),
+        "{}",
+        stderr(&o)
+    );
+    let o = bitnetc(&[
+        "compile",
+        m,
+        "--emit",
+        "fused",
+        "--passes",
+        "cse",
+        "--stop-after",
+        "dce",
+    ]);
+    assert!(
+        stderr(&o).contains("pass 'dce' is not in the pipeline (cse)"),
+        "{}",
+        stderr(&o)
+    );
+}
