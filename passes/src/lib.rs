@@ -139,6 +139,11 @@ impl PassManager {
         PassManager::new(&PASSES, config).expect("every pass is registered")
     }
 
+    /// Appends a pass (one of this crate's or any other).
+    pub fn push(&mut self, pass: Box<dyn Pass>) {
+        self.passes.push(pass);
+    }
+
     pub fn pass_names(&self) -> Vec<&'static str> {
         self.passes.iter().map(|p| p.name()).collect()
     }
@@ -202,5 +207,68 @@ impl PassManager {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitnetc_ir::op::Op;
+
+    const TEXT: &str = "%0 = input \"tokens\" : i32[T]\n%1 = weight \"e\" : f16[10,4]\n%2 = embed %0, %1 : f32[T,4]\n%3 = act %2 {act=silu} : f32[T,4]\noutput \"logits\" %3\n";
+
+    /// A pass that breaks the graph: it turns `act` into `quant_act` without changing types.
+    struct Breaks;
+
+    impl Pass for Breaks {
+        fn name(&self) -> &'static str {
+            "breaks"
+        }
+
+        fn description(&self) -> &'static str {
+            "produces an invalid graph"
+        }
+
+        fn run(&self, g: &mut Graph) -> Result<usize, IrError> {
+            let ids: Vec<_> = g
+                .node_ids()
+                .filter(|&n| matches!(g.node(n).op, Op::Act { .. }))
+                .collect();
+            for n in &ids {
+                g.set_op(*n, Op::QuantAct);
+            }
+            Ok(ids.len())
+        }
+    }
+
+    #[test]
+    fn a_pass_that_breaks_the_graph_is_named_with_its_ir() {
+        let mut g = bitnetc_ir::text::parse(TEXT).unwrap();
+        let mut pm = PassManager::new(&["dce"], &PassConfig::default()).unwrap();
+        pm.push(Box::new(Breaks));
+        let err = pm.run(&mut g, |_| {}).unwrap_err().to_string();
+        assert!(
+            err.starts_with("the graph is invalid after pass breaks: quant_act:"),
+            "{err}"
+        );
+        assert!(err.contains("--- IR after breaks ---\n%0 = input"), "{err}");
+        assert!(err.contains("= quant_act %2 : f32[T,4]"), "{err}");
+    }
+
+    #[test]
+    fn events_report_each_pass() {
+        let mut g = bitnetc_ir::text::parse(TEXT).unwrap();
+        let mut pm = PassManager::default_pipeline(&PassConfig::default());
+        pm.print_after = PrintAfter::Passes(vec!["cse".into()]);
+        pm.stop_after = Some("fuse-norm".into());
+        let mut ran = Vec::new();
+        let mut printed = Vec::new();
+        pm.run(&mut g, |e| match e {
+            PassEvent::Ran { pass, .. } => ran.push(pass),
+            PassEvent::Printed { pass, .. } => printed.push(pass),
+        })
+        .unwrap();
+        assert_eq!(ran, ["canonicalize", "cse", "fuse-norm"]);
+        assert_eq!(printed, ["cse"]);
     }
 }
