@@ -6,6 +6,7 @@
 
 pub mod npy;
 
+pub use bitnetc_codegen_cpu as codegen;
 pub use bitnetc_frontend_gguf as gguf;
 pub use bitnetc_ir as ir;
 pub use bitnetc_passes as passes;
@@ -33,9 +34,25 @@ pub enum Error {
     Tokenizer(String),
 }
 
+/// What evaluates the plan.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// Kernels compiled and chosen for this host, with threads.
+    Compiled(runtime::exec::ExecOptions),
+    /// The reference interpreter (one thread; the ground truth the kernels are tested against).
+    Interpreter,
+}
+
+impl Default for Backend {
+    fn default() -> Backend {
+        Backend::Compiled(runtime::exec::ExecOptions::default())
+    }
+}
+
 /// Options for [`load`].
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
+    pub backend: Backend,
     pub lower: LowerOptions,
     /// KV cache size in positions; the model's training context when `None`.
     pub context: Option<usize>,
@@ -80,7 +97,10 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     manager.run(&mut graph, |_| {})?;
     let (plan, _) = passes::memory::plan(&graph).map_err(RuntimeError::from)?;
     let context = opts.context.unwrap_or(config.context_length as usize);
-    let engine = Engine::new(plan, file.clone(), context)?;
+    let engine = match &opts.backend {
+        Backend::Compiled(exec) => Engine::compiled(plan, file.clone(), context, exec)?,
+        Backend::Interpreter => Engine::new(plan, file.clone(), context)?,
+    };
     let meta = TokenizerMeta::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let tokenizer = match meta {
         Some(meta) => {

@@ -139,6 +139,8 @@ struct LogitsArgs {
     /// KV cache element type
     #[arg(long, value_enum, value_name = "TYPE", default_value = "f16")]
     kv_cache: KvCacheType,
+    #[command(flatten)]
+    exec: cli::ExecArgs,
 }
 
 #[derive(clap::Args)]

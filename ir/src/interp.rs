@@ -856,7 +856,7 @@ fn tmatmul_part(q: &[i8], s: &[f32], w: &WeightRef<'_>) -> Result<Vec<f32>, Stri
 
 /// `a·b` where `b` holds half-precision values (widened to f32) and `a` is an f32 operand,
 /// evaluated along `path`; `round` rounds `a` to the half type.
-fn half_dot(path: DotPath, round: fn(f32) -> f32, a: &[f32], b: &[f32]) -> f32 {
+pub fn half_dot(path: DotPath, round: fn(f32) -> f32, a: &[f32], b: &[f32]) -> f32 {
     let rounded = || a.iter().map(|&v| round(v)).collect::<Vec<f32>>();
     match path {
         DotPath::F32 => numerics::dot_f64(a, b),
@@ -875,24 +875,71 @@ fn half_dot(path: DotPath, round: fn(f32) -> f32, a: &[f32], b: &[f32]) -> f32 {
 
 /// A matmul with the numerics of the weight's encoding; `path` applies to f16/bf16 weights.
 fn matmul_part(x: &[f32], w: &WeightRef<'_>, path: DotPath) -> Result<Vec<f32>, String> {
-    let (n, k) = (w.shape[0] as usize, w.shape[1] as usize);
+    let n = w.shape[0] as usize;
+    let t = x.len() / (w.shape[1] as usize).max(1);
+    let acts = MatmulActs::new(x, w)?;
+    let mut y = vec![0.0f32; t * n];
+    matmul_rows(&acts, w, path, 0..n, |tok, r, v| y[tok * n + r] = v)?;
+    Ok(y)
+}
+
+/// The activations of a matmul in the form the weight's encoding multiplies them in: f32,
+/// or quantized per block as llama.cpp does for Q and TQ weights. Computed once per step.
+pub struct MatmulActs<'x> {
+    x: &'x [f32],
+    k: usize,
+    q8: Vec<Vec<numerics::Q8Block>>,
+    q8k: Vec<Vec<numerics::Q8KBlock>>,
+}
+
+impl<'x> MatmulActs<'x> {
+    /// Prepares `x` (`T` rows of `K`) for weight `w`, checking the weight's size.
+    pub fn new(x: &'x [f32], w: &WeightRef<'_>) -> Result<MatmulActs<'x>, String> {
+        let (n, k) = (w.shape[0] as usize, w.shape[1] as usize);
+        let enc = w.encoding;
+        let block = enc.block_elems();
+        if k == 0 || k % block != 0 {
+            return Err(format!(
+                "{enc} rows must be whole {block}-element blocks, got K = {k}"
+            ));
+        }
+        let row_bytes = (k / block) * enc.block_bytes();
+        if w.bytes.len() != n * row_bytes {
+            return Err(format!(
+                "{enc} weight has {} bytes, expected {}",
+                w.bytes.len(),
+                n * row_bytes
+            ));
+        }
+        let (mut q8, mut q8k) = (Vec::new(), Vec::new());
+        match enc {
+            Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1 => {
+                q8 = x.chunks_exact(k).map(numerics::quantize_q8_x86).collect();
+            }
+            Encoding::TQ1_0 | Encoding::TQ2_0 => {
+                q8k = x.chunks_exact(k).map(numerics::quantize_q8_k).collect();
+            }
+            Encoding::I2S => return Err("i2_s weights go through quant_act and tmatmul".into()),
+            Encoding::F32 | Encoding::F16 | Encoding::BF16 => {}
+        }
+        Ok(MatmulActs { x, k, q8, q8k })
+    }
+}
+
+/// Rows `rows` of a matmul with the numerics of the weight's encoding (`path` applies to
+/// f16/bf16 weights), each result given to `emit(token, row, value)`. `acts` must have been
+/// prepared for this weight.
+pub fn matmul_rows(
+    acts: &MatmulActs<'_>,
+    w: &WeightRef<'_>,
+    path: DotPath,
+    rows: std::ops::Range<usize>,
+    mut emit: impl FnMut(usize, usize, f32),
+) -> Result<(), String> {
+    let (x, k) = (acts.x, acts.k);
     let t = x.len() / k;
     let enc = w.encoding;
-    let block = enc.block_elems();
-    if k % block != 0 {
-        return Err(format!(
-            "{enc} rows must be whole {block}-element blocks, got K = {k}"
-        ));
-    }
-    let row_bytes = (k / block) * enc.block_bytes();
-    if w.bytes.len() != n * row_bytes {
-        return Err(format!(
-            "{enc} weight has {} bytes, expected {}",
-            w.bytes.len(),
-            n * row_bytes
-        ));
-    }
-    let mut y = vec![0.0f32; t * n];
+    let row_bytes = (k / enc.block_elems()) * enc.block_bytes();
     let row = |r: usize| &w.bytes[r * row_bytes..(r + 1) * row_bytes];
     match enc {
         Encoding::F32 | Encoding::F16 | Encoding::BF16 => {
@@ -902,21 +949,23 @@ fn matmul_part(x: &[f32], w: &WeightRef<'_>, path: DotPath) -> Result<Vec<f32>, 
                 _ => (|v| v, DotPath::F32),
             };
             let mut wr = vec![0.0f32; k];
-            for r in 0..n {
+            for r in rows {
                 enc.decode_range(row(r), k as u64, 0, &mut wr)
                     .map_err(|e| e.to_string())?;
                 for tok in 0..t {
-                    y[tok * n + r] = half_dot(path, round, &x[tok * k..(tok + 1) * k], &wr);
+                    emit(
+                        tok,
+                        r,
+                        half_dot(path, round, &x[tok * k..(tok + 1) * k], &wr),
+                    );
                 }
             }
         }
         Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1 => {
-            let acts: Vec<Vec<numerics::Q8Block>> =
-                x.chunks_exact(k).map(numerics::quantize_q8_x86).collect();
             let bb = enc.block_bytes();
-            for r in 0..n {
+            for r in rows {
                 let wrow = row(r);
-                for (tok, a) in acts.iter().enumerate() {
+                for (tok, a) in acts.q8.iter().enumerate() {
                     let mut lanes = Lanes8::default();
                     let mut summs = 0.0f32;
                     for (b, ab) in a.iter().enumerate() {
@@ -946,34 +995,32 @@ fn matmul_part(x: &[f32], w: &WeightRef<'_>, path: DotPath) -> Result<Vec<f32>, 
                         }
                         lanes.add_block(d * ab.d, &q, &ab.qs);
                     }
-                    y[tok * n + r] = lanes.sum() + summs;
+                    emit(tok, r, lanes.sum() + summs);
                 }
             }
         }
         Encoding::TQ1_0 | Encoding::TQ2_0 => {
-            let acts: Vec<Vec<numerics::Q8KBlock>> =
-                x.chunks_exact(k).map(numerics::quantize_q8_k).collect();
             let mut codes = vec![0i32; k];
-            for r in 0..n {
+            for r in rows {
                 let t8 = crate::encoding::ternary_codes(enc, row(r), k as u64)
                     .map_err(|e| e.to_string())?;
                 for (c, &code) in codes.iter_mut().zip(&t8.codes) {
                     *c = code as i32 - 1;
                 }
-                for (tok, a) in acts.iter().enumerate() {
+                for (tok, a) in acts.q8k.iter().enumerate() {
                     let mut sum = 0.0f32;
                     for (b, ab) in a.iter().enumerate() {
                         let c = &codes[b * QK_K..(b + 1) * QK_K];
                         let sumi: i32 = c.iter().zip(&ab.qs).map(|(&c, &q)| c * q as i32).sum();
                         sum += (ab.d * t8.scales[b]) * sumi as f32;
                     }
-                    y[tok * n + r] = sum;
+                    emit(tok, r, sum);
                 }
             }
         }
         Encoding::I2S => return Err("i2_s weights go through quant_act and tmatmul".into()),
     }
-    Ok(y)
+    Ok(())
 }
 
 /// Causal GQA attention over the cache (ggml's non-flash path): scores `Q·K` along

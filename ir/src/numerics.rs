@@ -153,15 +153,19 @@ impl Lanes8 {
 /// `theta_scale = powf(base, −2/dims)`, theta starts at `(f32)pos` and is multiplied by
 /// `theta_scale` after each pair.
 pub fn rope_cache(pos: i32, base: f32, dims: usize) -> Vec<(f32, f32)> {
+    let mut cache = vec![(0.0, 0.0); dims / 2];
+    rope_cache_into(pos, base, dims, &mut cache);
+    cache
+}
+
+/// [`rope_cache`] into `cache`, whose length is `dims / 2`.
+pub fn rope_cache_into(pos: i32, base: f32, dims: usize, cache: &mut [(f32, f32)]) {
     let theta_scale = base.powf(-2.0 / dims as f32);
     let mut theta = pos as f32;
-    (0..dims / 2)
-        .map(|_| {
-            let cs = (theta.cos(), theta.sin());
-            theta *= theta_scale;
-            cs
-        })
-        .collect()
+    for cs in cache {
+        *cs = (theta.cos(), theta.sin());
+        theta *= theta_scale;
+    }
 }
 
 /// Rotates one head in place. NEOX pairs `(i, i + dims/2)`, NORM pairs `(2i, 2i + 1)`.
@@ -207,7 +211,7 @@ pub fn expf_ggml(x: f32) -> f32 {
 }
 
 /// `_mm512_reduce_add_ps`: halves added pairwise, 16 → 8 → 4 → 2 → 1.
-fn reduce16(mut a: [f32; 16]) -> f32 {
+pub fn reduce16(mut a: [f32; 16]) -> f32 {
     let mut n = 16;
     while n > 1 {
         n /= 2;

@@ -102,9 +102,7 @@ impl<'e> Session<'e> {
         self.rewind(shared);
         let started = Instant::now();
         let fresh = &prompt[shared..];
-        let logits = self.eval(fresh)?;
-        let vocab = logits.len() / fresh.len();
-        let last = logits[logits.len() - vocab..].to_vec();
+        let last = self.eval_last(fresh)?;
         for &t in prompt {
             sampler.accept(t);
         }
@@ -221,7 +219,7 @@ impl Iterator for Generation<'_, '_> {
                 self.finish = Some(FinishReason::ContextFull);
             } else {
                 let started = Instant::now();
-                match self.session.eval(&[id]) {
+                match self.session.eval_last(&[id]) {
                     Ok(l) => self.logits = Some(l),
                     Err(e) => return Some(Err(e)),
                 }

@@ -3,13 +3,16 @@
 //! decode with one). [`tokenizer`] turns text into tokens and back.
 
 pub mod chat;
+pub mod exec;
 pub mod generate;
+pub mod pool;
 pub mod sampling;
 pub mod tokenizer;
 
 use bitnetc_ir::IrError;
 use bitnetc_ir::interp::{self, Inputs, InterpError, KvCache, WeightSource};
 use bitnetc_ir::plan::Plan;
+use exec::{ExecError, ExecOptions, Executor, LogitRows};
 use std::sync::Arc;
 
 /// What went wrong running a model.
@@ -17,6 +20,8 @@ use std::sync::Arc;
 pub enum RuntimeError {
     #[error(transparent)]
     Interp(#[from] InterpError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
     #[error("the graph is invalid: {0}")]
     Graph(#[from] IrError),
     #[error("the graph has no `logits` output")]
@@ -35,17 +40,32 @@ pub enum RuntimeError {
     },
 }
 
-/// A model ready to run: its plan and its weights.
+/// A model ready to run: its plan, its weights, and the plan compiled for this host (or the
+/// reference interpreter).
 pub struct Engine {
     plan: Plan,
     weights: Arc<dyn WeightSource + Send + Sync>,
     vocab: usize,
     context: usize,
+    exec: Option<Executor>,
 }
 
 impl Engine {
-    /// Checks the plan and binds it to its weights. `context` is the KV cache size of each
-    /// session, in positions.
+    /// Checks the plan, binds it to its weights and compiles it for this host. `context` is
+    /// the KV cache size of each session, in positions.
+    pub fn compiled(
+        plan: Plan,
+        weights: Arc<dyn WeightSource + Send + Sync>,
+        context: usize,
+        opts: &ExecOptions,
+    ) -> Result<Engine, RuntimeError> {
+        let mut engine = Engine::new(plan, weights, context)?;
+        engine.exec = Some(Executor::new(&engine.plan, engine.weights.clone(), opts)?);
+        Ok(engine)
+    }
+
+    /// Checks the plan and binds it to its weights, to run on the reference interpreter.
+    /// `context` is the KV cache size of each session, in positions.
     pub fn new(
         plan: Plan,
         weights: Arc<dyn WeightSource + Send + Sync>,
@@ -72,7 +92,13 @@ impl Engine {
             weights,
             vocab,
             context,
+            exec: None,
         })
+    }
+
+    /// The compiled executor, when the engine has one.
+    pub fn executor(&self) -> Option<&Executor> {
+        self.exec.as_ref()
     }
 
     pub fn plan(&self) -> &Plan {
@@ -91,7 +117,8 @@ impl Engine {
     pub fn session(&self) -> Session<'_> {
         Session {
             engine: self,
-            kv: KvCache::new(self.context),
+            kv: KvCache::new(if self.exec.is_some() { 0 } else { self.context }),
+            state: self.exec.as_ref().map(|e| e.state(self.context)),
             history: Vec::new(),
             arena: Vec::new(),
         }
@@ -102,6 +129,7 @@ impl Engine {
 pub struct Session<'e> {
     engine: &'e Engine,
     kv: KvCache,
+    state: Option<exec::State>,
     history: Vec<u32>,
     arena: Vec<u8>,
 }
@@ -109,17 +137,67 @@ pub struct Session<'e> {
 impl Session<'_> {
     /// Positions evaluated so far.
     pub fn position(&self) -> usize {
-        self.kv.len()
+        match &self.state {
+            Some(s) => s.len(),
+            None => self.kv.len(),
+        }
     }
 
     /// Positions the session's KV cache holds.
     pub fn capacity(&self) -> usize {
-        self.kv.capacity()
+        match &self.state {
+            Some(s) => s.capacity(),
+            None => self.kv.capacity(),
+        }
+    }
+
+    /// Evaluates `tokens` like [`Session::eval`] and returns the last token's logits only
+    /// (the output projection runs for that token alone, as in generation).
+    pub fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        if self.state.is_some() {
+            self.check_room(tokens.len())?;
+        }
+        match (&self.engine.exec, &mut self.state) {
+            (Some(exec), Some(state)) => {
+                let mut out = Vec::new();
+                exec.eval(state, tokens, LogitRows::Last, &mut out)?;
+                self.history.extend_from_slice(tokens);
+                Ok(out)
+            }
+            _ => {
+                let all = self.eval(tokens)?;
+                let vocab = self.engine.vocab;
+                Ok(all[all.len() - vocab..].to_vec())
+            }
+        }
+    }
+
+    fn check_room(&self, n: usize) -> Result<(), RuntimeError> {
+        if n == 0 {
+            return Err(RuntimeError::Empty);
+        }
+        if self.position() + n > self.capacity() {
+            return Err(RuntimeError::ContextFull {
+                needed: n,
+                capacity: self.capacity(),
+                used: self.position(),
+            });
+        }
+        Ok(())
     }
 
     /// Evaluates `tokens` after the cached positions; returns their logits, `tokens.len()`
     /// rows of `vocab_size` values.
     pub fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        if self.state.is_some() {
+            self.check_room(tokens.len())?;
+        }
+        if let (Some(exec), Some(state)) = (&self.engine.exec, &mut self.state) {
+            let mut out = Vec::new();
+            exec.eval(state, tokens, LogitRows::All, &mut out)?;
+            self.history.extend_from_slice(tokens);
+            return Ok(out);
+        }
         if tokens.is_empty() {
             return Err(RuntimeError::Empty);
         }
@@ -155,6 +233,9 @@ impl Session<'_> {
     /// Keeps the first `n` positions and forgets the rest.
     pub fn rewind(&mut self, n: usize) {
         self.kv.truncate(n);
+        if let Some(s) = &mut self.state {
+            s.truncate(n);
+        }
         self.history.truncate(n);
     }
 

@@ -20,9 +20,6 @@ pub struct ModelArgs {
     /// Context size in tokens (positions the KV cache holds)
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     pub ctx_size: usize,
-    /// Number of threads (the reference interpreter computes on one; results never depend on it)
-    #[arg(short = 't', long, default_value_t = 1)]
-    pub threads: usize,
     /// KV cache element type
     #[arg(long, value_enum, value_name = "TYPE", default_value = "f16")]
     pub kv_cache: KvCacheType,
@@ -30,6 +27,8 @@ pub struct ModelArgs {
     /// smollm, falcon3, qwen2, …)
     #[arg(long, value_name = "NAME")]
     pub pre_tokenizer: Option<String>,
+    #[command(flatten)]
+    pub exec: super::ExecArgs,
 }
 
 /// How tokens are chosen and when generation stops.
@@ -203,6 +202,7 @@ fn open(m: &ModelArgs) -> Result<(bitnetc::Model, Duration)> {
         m.kv_cache,
         Some(m.ctx_size),
         m.pre_tokenizer.clone(),
+        &m.exec,
     )?;
     model.tokenizer()?;
     Ok((model, started.elapsed()))
@@ -302,6 +302,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     if a.verbose {
         print_timings(Some(load_time), &timings, seed);
     }
+    a.model.exec.print_trace(&model);
     Ok(())
 }
 
@@ -397,7 +398,19 @@ pub fn chat(a: ChatArgs) -> Result<()> {
 }
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
-    let model = super::load(&a.model, KvCacheType::F16, Some(1), a.pre_tokenizer.clone())?;
+    let model = super::load(
+        &a.model,
+        KvCacheType::F16,
+        Some(1),
+        a.pre_tokenizer.clone(),
+        &super::ExecArgs {
+            threads: Some(1),
+            batch_size: 1,
+            kernels: super::KernelChoice::Best,
+            interp: true,
+            trace_kernels: false,
+        },
+    )?;
     let tokenizer = model.tokenizer()?;
     let ids = tokenizer.encode(&a.prompt, !a.no_bos, !a.no_parse_special);
     if a.ids {

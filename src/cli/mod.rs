@@ -6,14 +6,101 @@ pub mod tools;
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
+/// How a model's plan is executed.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ExecArgs {
+    /// Threads (default: all cores)
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Most tokens evaluated in one step; longer prompts take several
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    pub batch_size: usize,
+    /// Kernel variants to choose from: `best` (fastest for this CPU) or `baseline`
+    /// (x86-64 SSE4.1 and portable code only)
+    #[arg(long, value_enum, default_value = "best")]
+    pub kernels: KernelChoice,
+    /// Run the reference interpreter instead of compiled kernels (slow; one thread)
+    #[arg(long)]
+    pub interp: bool,
+    /// Print each kernel's variant, calls and time to stderr at the end
+    #[arg(long)]
+    pub trace_kernels: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum KernelChoice {
+    Best,
+    Baseline,
+}
+
+impl ExecArgs {
+    pub fn backend(&self) -> Result<bitnetc::Backend> {
+        if self.interp {
+            return Ok(bitnetc::Backend::Interpreter);
+        }
+        if self.threads == Some(0) || self.batch_size == 0 {
+            return Err("--threads and --batch-size must be at least 1".into());
+        }
+        Ok(bitnetc::Backend::Compiled(
+            bitnetc::runtime::exec::ExecOptions {
+                threads: self
+                    .threads
+                    .unwrap_or_else(bitnetc::runtime::exec::default_threads),
+                kernels: match self.kernels {
+                    KernelChoice::Best => bitnetc::codegen::select::KernelSet::Best,
+                    KernelChoice::Baseline => bitnetc::codegen::select::KernelSet::Baseline,
+                },
+                batch: self.batch_size,
+                trace: self.trace_kernels,
+            },
+        ))
+    }
+
+    /// Prints the kernel trace (with --trace-kernels).
+    pub fn print_trace(&self, model: &bitnetc::Model) {
+        let Some(exec) = model.engine.executor().filter(|_| self.trace_kernels) else {
+            return;
+        };
+        eprintln!(
+            "{:<44} {:<28} {:>8} {:>12}",
+            "kernel", "variant", "calls", "time ms"
+        );
+        for l in exec.trace() {
+            eprintln!(
+                "{:<44} {:<28} {:>8} {:>12.2}",
+                l.kernel,
+                l.variant,
+                l.calls,
+                l.seconds * 1e3
+            );
+        }
+        for c in exec.ternary_choices() {
+            let timings: Vec<String> = c
+                .timings
+                .iter()
+                .map(|t| format!("{} x{} {:.1} ns", t.kernel, t.tokens, t.ns_per_row_token))
+                .collect();
+            eprintln!(
+                "ternary k={}: gemv {} / gemm {} (per row and token: {})",
+                c.k,
+                c.gemv.name(),
+                c.gemm.name(),
+                timings.join(", ")
+            );
+        }
+    }
+}
+
 /// Opens a model ready to run.
 pub fn load(
     model: &std::path::Path,
     kv_cache: crate::KvCacheType,
     context: Option<usize>,
     pre_tokenizer: Option<String>,
+    exec: &ExecArgs,
 ) -> Result<bitnetc::Model> {
     let opts = bitnetc::LoadOptions {
+        backend: exec.backend()?,
         lower: bitnetc::gguf::lower::LowerOptions {
             kv_cache: kv_cache.dtype(),
         },

@@ -122,7 +122,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     if tokens.is_empty() {
         return Err("--tokens: no token ids given".into());
     }
-    let model = super::load(&a.model, a.kv_cache, Some(tokens.len()), None)?;
+    let model = super::load(&a.model, a.kv_cache, Some(tokens.len()), None, &a.exec)?;
     let vocab = model.engine.vocab_size();
     if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(format!("--tokens: id {t} is outside the vocabulary of {vocab}").into());
@@ -138,6 +138,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
             all
         }
     };
+    a.exec.print_trace(&model);
     bitnetc::npy::write_f32(&a.output, &[tokens.len(), vocab], &logits)
         .map_err(|e| format!("{}: {e}", a.output.display()))?;
     eprintln!(

@@ -1,0 +1,1973 @@
+//! The compiled executor: a plan bound once to its weights and to kernels chosen for this host,
+//! then run step after step with a fixed thread pool, one preallocated arena and a KV cache
+//! per session. Integer paths (I2_S) are bit-exact with the interpreter; f16 dot products use
+//! the reference engines' summation orders and are bit-exact too. Encodings without a
+//! dedicated kernel run the interpreter's numerics row by row (threaded), and say so in the
+//! kernel trace.
+
+use crate::pool::{Pool, split};
+use bitnetc_codegen_cpu::half::HalfDots;
+use bitnetc_codegen_cpu::jit::JitError;
+use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary};
+use bitnetc_codegen_cpu::ternary::RowsArgs;
+use bitnetc_ir::encoding::{Encoding, i2s_scale};
+use bitnetc_ir::interp::{MatmulActs, WeightRef, WeightSource, fetch_weight, matmul_rows};
+use bitnetc_ir::numerics;
+use bitnetc_ir::op::Op;
+use bitnetc_ir::plan::{BufferId, Plan, Storage};
+use bitnetc_ir::types::{Activation, DType, DotPath, HalfPath, RopeStyle};
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Why a plan cannot be compiled or a step cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("step {step} ({op}): {message}")]
+    Step {
+        step: usize,
+        op: &'static str,
+        message: String,
+    },
+    #[error("weight {name}: {message}")]
+    Weight { name: String, message: String },
+    #[error("kernel generation failed: {0}")]
+    Jit(#[from] JitError),
+    #[error("could not start the worker threads: {0}")]
+    Threads(std::io::Error),
+    #[error("the plan's memory is not planned")]
+    Unplanned,
+    #[error("{0}")]
+    Run(String),
+}
+
+/// How to compile a plan.
+#[derive(Clone, Debug)]
+pub struct ExecOptions {
+    /// Worker threads, the caller's included.
+    pub threads: usize,
+    /// Which kernel variants may be bound.
+    pub kernels: KernelSet,
+    /// Most tokens per step; longer inputs run in several steps.
+    pub batch: usize,
+    /// Time every step for [`Executor::trace`].
+    pub trace: bool,
+}
+
+impl Default for ExecOptions {
+    fn default() -> ExecOptions {
+        ExecOptions {
+            threads: default_threads(),
+            kernels: KernelSet::Best,
+            batch: 512,
+            trace: false,
+        }
+    }
+}
+
+/// The host's cores, as `std` reports them.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Which rows of logits a step returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    /// One row per token.
+    All,
+    /// The last token's row only; the output projection runs for that row alone, as llama.cpp
+    /// does when only the last logits are requested (a one-token matmul for that row).
+    Last,
+}
+
+/// A read-only byte range of the weights, kept alive by the executor's weight source.
+#[derive(Clone, Copy)]
+struct Bytes {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the bytes are immutable weights.
+unsafe impl Send for Bytes {}
+unsafe impl Sync for Bytes {}
+
+impl Bytes {
+    fn of(b: &[u8]) -> Bytes {
+        Bytes {
+            ptr: b.as_ptr(),
+            len: b.len(),
+        }
+    }
+    /// SAFETY: the executor holds the weight source for as long as it lives.
+    fn get(&self) -> &[u8] {
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// An activation buffer: `off` bytes per token into the arena, `row` elements per token.
+#[derive(Clone, Copy, Debug)]
+struct Act {
+    off: usize,
+    row: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum IntInput {
+    Tokens,
+    Positions,
+}
+
+/// A generic matmul weight part: its encoding and shape, for the interpreter's numerics.
+struct GenericPart {
+    bytes: Bytes,
+    encoding: Encoding,
+    shape: [u64; 2],
+}
+
+enum Weights {
+    /// I2_S rows: per part its codes, rows and scale β; `choice` indexes the executor's kernels.
+    Ternary {
+        parts: Vec<(Bytes, usize, f32)>,
+        choice: usize,
+    },
+    /// F16 rows, dotted along `half`'s path.
+    F16 {
+        parts: Vec<(Bytes, usize)>,
+        half: HalfPath,
+    },
+    /// Any other encoding, through the interpreter's row numerics.
+    Generic {
+        parts: Vec<GenericPart>,
+        half: HalfPath,
+    },
+}
+
+enum LinearInput {
+    /// f32 activations, normalized first when a gain is given.
+    F32 {
+        x: Act,
+        norm: Option<(Vec<f32>, f32)>,
+    },
+    /// Already quantized (an unfused `tmatmul`): int8 rows and their scales.
+    Quantized { q: Act, s: Act },
+}
+
+struct Linear {
+    input: LinearInput,
+    k: usize,
+    /// Weight rows in all.
+    n: usize,
+    weights: Weights,
+    glu: Option<Activation>,
+    residual: Option<Act>,
+    out: Act,
+    /// Produces the `logits` output.
+    head: bool,
+}
+
+enum Operand {
+    Act(Act),
+    Const(Vec<f32>),
+}
+
+enum Kernel {
+    Embed {
+        ids: IntInput,
+        table: Bytes,
+        encoding: Encoding,
+        vocab: usize,
+        h: usize,
+        out: Act,
+    },
+    RmsNorm {
+        x: Act,
+        gain: Vec<f32>,
+        eps: f32,
+        out: Act,
+    },
+    QuantAct {
+        x: Act,
+        q: Act,
+        s: Act,
+    },
+    Linear(Box<Linear>),
+    Binary {
+        a: Act,
+        b: Operand,
+        out: Act,
+        mul: bool,
+    },
+    Act {
+        x: Act,
+        act: Activation,
+        out: Act,
+    },
+    Copy {
+        x: Act,
+        out: Act,
+        bytes: usize,
+    },
+    Split {
+        x: Act,
+        outs: Vec<(Act, usize)>,
+    },
+    Rope {
+        x: Act,
+        pos: IntInput,
+        out: Act,
+        heads: usize,
+        d: usize,
+        theta: f32,
+        neox: bool,
+        dims: usize,
+    },
+    KvAppend {
+        k: Act,
+        v: Act,
+        layer: usize,
+    },
+    Attention {
+        q: Act,
+        layer: usize,
+        out: Act,
+        h: usize,
+        scale: f32,
+        kq: HalfPath,
+        kqv: HalfPath,
+    },
+    /// Copies the `logits` rows out of the arena (when no linear step writes them directly).
+    Logits {
+        x: Act,
+    },
+    Nop,
+}
+
+/// One KV cache layer's shape and element type.
+#[derive(Clone, Copy, Debug)]
+struct KvLayout {
+    g: usize,
+    d: usize,
+    f16: bool,
+}
+
+/// Per-kernel counters for `--trace-kernels`.
+#[derive(Default)]
+struct Counter {
+    calls: AtomicU64,
+    nanos: AtomicU64,
+}
+
+/// One line of the kernel trace.
+#[derive(Clone, Debug)]
+pub struct TraceLine {
+    pub kernel: String,
+    pub variant: String,
+    pub calls: u64,
+    pub seconds: f64,
+}
+
+/// A plan compiled for this host.
+pub struct Executor {
+    kernels: Vec<Kernel>,
+    labels: Vec<(String, String)>,
+    counters: Vec<Counter>,
+    trace: bool,
+    pool: Pool,
+    per_token: usize,
+    batch: usize,
+    kv: Vec<KvLayout>,
+    vocab: usize,
+    choices: Vec<TernaryChoice>,
+    half: HalfDots,
+    max_k: usize,
+    max_rope: usize,
+    _weights: Arc<dyn WeightSource + Send + Sync>,
+}
+
+// SAFETY: the raw pointers point into the weight source, which is immutable and owned (via
+// the Arc) by the executor.
+unsafe impl Send for Executor {}
+unsafe impl Sync for Executor {}
+
+/// Rows per chunk of a linear step: each worker computes its rows this many at a time.
+const CHUNK: usize = 64;
+
+/// Per-worker scratch.
+#[derive(Default)]
+struct Local {
+    sums: Vec<i32>,
+    y: Vec<f32>,
+    y2: Vec<f32>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    acc64: Vec<f64>,
+    row: Vec<f32>,
+    qh: Vec<f32>,
+}
+
+/// A 64-byte-aligned, zero-initialized byte buffer (lazily backed by the OS when large).
+struct Arena {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Arena {
+    fn new(len: usize) -> Arena {
+        if len == 0 {
+            return Arena {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            };
+        }
+        let layout =
+            std::alloc::Layout::from_size_align(len, 64).expect("arena size fits a layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Arena { ptr, len }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe {
+                std::alloc::dealloc(
+                    self.ptr,
+                    std::alloc::Layout::from_size_align_unchecked(self.len, 64),
+                )
+            };
+        }
+    }
+}
+
+/// One cache layer's keys and values, `[capacity, g, d]` each.
+enum KvData {
+    F16(Vec<u16>, Vec<u16>),
+    F32(Vec<f32>, Vec<f32>),
+}
+
+type RopeTable = ((u32, usize), Vec<(f32, f32)>);
+
+/// A session's mutable state for the executor: the arena, scratch and the KV cache.
+pub struct State {
+    arena: Arena,
+    xn: Vec<f32>,
+    q8: Vec<i8>,
+    qs: Vec<f32>,
+    qsum: Vec<i32>,
+    /// Per (theta bits, dims): each token's (cos, sin) pairs for this step.
+    rope: Vec<RopeTable>,
+    rope_valid: Vec<bool>,
+    locals: Vec<Mutex<Local>>,
+    kv: Vec<KvData>,
+    capacity: usize,
+    len: usize,
+}
+
+impl State {
+    /// Positions in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Keeps the first `n` positions.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+}
+
+/// A pointer that may be shared by workers writing disjoint parts.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer (a method, so that closures capture the whole `Shared`).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+fn step_err(step: usize, op: &Op, message: impl Into<String>) -> ExecError {
+    ExecError::Step {
+        step,
+        op: op.name(),
+        message: message.into(),
+    }
+}
+
+impl Executor {
+    /// Binds `plan` to `weights` and to kernels for this host.
+    pub fn new(
+        plan: &Plan,
+        weights: Arc<dyn WeightSource + Send + Sync>,
+        opts: &ExecOptions,
+    ) -> Result<Executor, ExecError> {
+        let per_token = plan.arena_bytes_per_token.ok_or(ExecError::Unplanned)? as usize;
+        let pool = Pool::new(opts.threads).map_err(ExecError::Threads)?;
+        let src: &(dyn WeightSource + Send + Sync) = weights.as_ref();
+        let mut b = Builder {
+            plan,
+            src,
+            kernels: Vec::new(),
+            labels: Vec::new(),
+            kv: Vec::new(),
+            cache_of: HashMap::new(),
+            choices: Vec::new(),
+            set: opts.kernels,
+            max_k: 0,
+            max_rope: 0,
+            vocab: 0,
+            half: HalfDots::select(opts.kernels == KernelSet::Baseline),
+        };
+        let logits_buffer = plan.steps.iter().find_map(|s| match &s.op {
+            Op::Output { name } if name == "logits" => s.operands.first().copied(),
+            _ => None,
+        });
+        for (i, step) in plan.steps.iter().enumerate() {
+            let head = logits_buffer.is_some() && step.results.first().copied() == logits_buffer;
+            let (kernel, label) = b.kernel(i, step, head)?;
+            b.kernels.push(kernel);
+            b.labels.push(label);
+        }
+        if logits_buffer.is_none() {
+            return Err(ExecError::Run("the plan has no `logits` output".into()));
+        }
+        let counters = (0..b.kernels.len()).map(|_| Counter::default()).collect();
+        Ok(Executor {
+            kernels: b.kernels,
+            labels: b.labels,
+            counters,
+            trace: opts.trace,
+            pool,
+            per_token,
+            batch: opts.batch.max(1),
+            kv: b.kv,
+            vocab: b.vocab,
+            choices: b.choices,
+            half: b.half,
+            max_k: b.max_k,
+            max_rope: b.max_rope,
+            _weights: weights,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Most tokens per step.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// The ternary kernels chosen, one per row length, with their timings.
+    pub fn ternary_choices(&self) -> &[TernaryChoice] {
+        &self.choices
+    }
+
+    /// Logits per row.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// The f16 dot variant bound.
+    pub fn half_variant(&self) -> &'static str {
+        self.half.variant
+    }
+
+    /// Fresh state for a sequence of up to `capacity` positions.
+    pub fn state(&self, capacity: usize) -> State {
+        let t = self.batch;
+        let kv = self
+            .kv
+            .iter()
+            .map(|l| {
+                let n = capacity * l.g * l.d;
+                if l.f16 {
+                    KvData::F16(vec![0; n], vec![0; n])
+                } else {
+                    KvData::F32(vec![0.0; n], vec![0.0; n])
+                }
+            })
+            .collect();
+        State {
+            arena: Arena::new(self.per_token * t),
+            xn: vec![0.0; t * self.max_k],
+            q8: vec![0; t * self.max_k],
+            qs: vec![0.0; t],
+            qsum: vec![0; t],
+            rope: Vec::new(),
+            rope_valid: Vec::new(),
+            locals: (0..self.threads())
+                .map(|_| {
+                    Mutex::new(Local {
+                        sums: vec![0; CHUNK * t],
+                        y: vec![0.0; CHUNK * t],
+                        y2: vec![0.0; CHUNK * t],
+                        scores: vec![0.0; capacity.next_multiple_of(64) + 64],
+                        acc: Vec::new(),
+                        acc64: Vec::new(),
+                        row: vec![0.0; self.max_k.max(self.max_rope)],
+                        qh: vec![0.0; self.max_k.max(self.max_rope)],
+                    })
+                })
+                .collect(),
+            kv,
+            capacity,
+            len: 0,
+        }
+    }
+
+    /// The kernel trace: per kernel label and variant, calls and time (with `trace` on).
+    pub fn trace(&self) -> Vec<TraceLine> {
+        let mut lines: Vec<TraceLine> = Vec::new();
+        for ((kernel, variant), c) in self.labels.iter().zip(&self.counters) {
+            if variant == "-" {
+                continue;
+            }
+            let calls = c.calls.load(Ordering::Relaxed);
+            if calls == 0 {
+                continue;
+            }
+            let seconds = c.nanos.load(Ordering::Relaxed) as f64 * 1e-9;
+            match lines
+                .iter_mut()
+                .find(|l| &l.kernel == kernel && &l.variant == variant)
+            {
+                Some(l) => {
+                    l.calls += calls;
+                    l.seconds += seconds;
+                }
+                None => lines.push(TraceLine {
+                    kernel: kernel.clone(),
+                    variant: variant.clone(),
+                    calls,
+                    seconds,
+                }),
+            }
+        }
+        lines.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        lines
+    }
+
+    /// Evaluates `tokens` at positions `state.len()..`, in steps of at most `batch` tokens;
+    /// writes the requested logits rows to `out` (`vocab` values per row).
+    pub fn eval(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        rows: LogitRows,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ExecError> {
+        if tokens.len() > state.capacity - state.len {
+            return Err(ExecError::Run(format!(
+                "the context holds {} positions, {} are used, and {} more are needed",
+                state.capacity,
+                state.len,
+                tokens.len()
+            )));
+        }
+        out.clear();
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        for (c, chunk) in tokens.chunks(self.batch).enumerate() {
+            let last_chunk = (c + 1) * self.batch >= tokens.len();
+            ids.clear();
+            ids.extend(chunk.iter().map(|&t| t.min(i32::MAX as u32) as i32));
+            pos.clear();
+            pos.extend((0..chunk.len()).map(|i| (state.len + i) as i32));
+            let want = match rows {
+                LogitRows::All => Some(LogitRows::All),
+                LogitRows::Last if last_chunk => Some(LogitRows::Last),
+                LogitRows::Last => None,
+            };
+            self.step(state, &ids, &pos, want, out)?;
+            state.len += chunk.len();
+        }
+        Ok(())
+    }
+
+    fn step(
+        &self,
+        st: &mut State,
+        ids: &[i32],
+        pos: &[i32],
+        rows: Option<LogitRows>,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ExecError> {
+        let t = ids.len();
+        let p = st.len;
+        for v in &mut st.rope_valid {
+            *v = false;
+        }
+        for (i, kernel) in self.kernels.iter().enumerate() {
+            let t0 = self.trace.then(Instant::now);
+            self.run_kernel(i, kernel, st, ids, pos, t, p, rows, out)?;
+            if let Some(t0) = t0 {
+                self.counters[i].calls.fetch_add(1, Ordering::Relaxed);
+                self.counters[i]
+                    .nanos
+                    .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_kernel(
+        &self,
+        index: usize,
+        kernel: &Kernel,
+        st: &mut State,
+        ids: &[i32],
+        pos: &[i32],
+        t: usize,
+        p: usize,
+        rows: Option<LogitRows>,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ExecError> {
+        let base = st.arena.ptr;
+        // SAFETY (all arena accessors): the arena holds `batch` tokens of every buffer at the
+        // planned offsets, and `t <= batch`; the plan's memory check keeps live buffers apart.
+        let f32p = |a: &Act| unsafe { base.add(t * a.off) as *mut f32 };
+        let int = |i: &IntInput| match i {
+            IntInput::Tokens => ids,
+            IntInput::Positions => pos,
+        };
+        match kernel {
+            Kernel::Nop => {}
+            Kernel::Embed {
+                ids: which,
+                table,
+                encoding,
+                vocab,
+                h,
+                out: o,
+            } => {
+                let dst = f32p(o);
+                for (i, &id) in int(which).iter().enumerate() {
+                    if id < 0 || id as usize >= *vocab {
+                        return Err(ExecError::Run(format!(
+                            "token {id} at index {i} is outside the vocabulary of {vocab}"
+                        )));
+                    }
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(i * h), *h) };
+                    encoding
+                        .decode_range(
+                            table.get(),
+                            (*vocab * *h) as u64,
+                            (id as usize * h) as u64,
+                            row,
+                        )
+                        .map_err(|e| ExecError::Run(e.to_string()))?;
+                }
+            }
+            Kernel::RmsNorm {
+                x,
+                gain,
+                eps,
+                out: o,
+            } => {
+                let (src, dst) = (f32p(x), f32p(o));
+                for i in 0..t {
+                    let xr = unsafe { std::slice::from_raw_parts(src.add(i * x.row), x.row) };
+                    let tmp = &mut st.xn[..x.row];
+                    numerics::rms_norm(xr, gain, *eps, tmp);
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(i * o.row), o.row)
+                    };
+                }
+            }
+            Kernel::QuantAct { x, q, s } => {
+                let (src, qd, sd) = (f32p(x), unsafe { base.add(t * q.off) as *mut i8 }, f32p(s));
+                for i in 0..t {
+                    let xr = unsafe { std::slice::from_raw_parts(src.add(i * x.row), x.row) };
+                    let qr = unsafe { std::slice::from_raw_parts_mut(qd.add(i * x.row), x.row) };
+                    unsafe { *sd.add(i) = numerics::quant_act_i8(xr, qr) };
+                }
+            }
+            Kernel::Linear(l) => {
+                if l.head {
+                    match rows {
+                        None => {}
+                        Some(r) => self.linear(index, l, st, t, r, out)?,
+                    }
+                } else {
+                    self.linear(index, l, st, t, LogitRows::All, out)?;
+                }
+            }
+            Kernel::Binary { a, b, out: o, mul } => {
+                let (pa, po) = (f32p(a), f32p(o));
+                let n = t * a.row;
+                for i in 0..n {
+                    let y = match b {
+                        Operand::Const(c) if c.len() == 1 => c[0],
+                        Operand::Const(c) => c[i % c.len()],
+                        Operand::Act(bb) => unsafe { *f32p(bb).add(i) },
+                    };
+                    unsafe {
+                        let x = *pa.add(i);
+                        *po.add(i) = if *mul { x * y } else { x + y };
+                    }
+                }
+            }
+            Kernel::Act { x, act, out: o } => {
+                let f = activation(*act);
+                let (px, po) = (f32p(x), f32p(o));
+                for i in 0..t * x.row {
+                    unsafe { *po.add(i) = f(*px.add(i)) };
+                }
+            }
+            Kernel::Copy { x, out: o, bytes } => {
+                let (px, po) = (f32p(x) as *const u8, f32p(o) as *mut u8);
+                if px != po {
+                    unsafe { std::ptr::copy(px, po, t * bytes) };
+                }
+            }
+            Kernel::Split { x, outs } => {
+                let px = f32p(x);
+                for (o, start) in outs {
+                    let po = f32p(o);
+                    for i in 0..t {
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                px.add(i * x.row + start),
+                                po.add(i * o.row),
+                                o.row,
+                            )
+                        };
+                    }
+                }
+            }
+            Kernel::Rope {
+                x,
+                pos: which,
+                out: o,
+                heads,
+                d,
+                theta,
+                neox,
+                dims,
+            } => {
+                let key = (theta.to_bits(), *dims);
+                let slot = match st.rope.iter().position(|(k, _)| *k == key) {
+                    Some(s) => s,
+                    None => {
+                        st.rope
+                            .push((key, Vec::with_capacity(self.batch * dims / 2)));
+                        st.rope_valid.push(false);
+                        st.rope.len() - 1
+                    }
+                };
+                if !st.rope_valid[slot] {
+                    let table = &mut st.rope[slot].1;
+                    table.resize(t * dims / 2, (0.0, 0.0));
+                    for (i, &ps) in int(which).iter().enumerate() {
+                        numerics::rope_cache_into(
+                            ps,
+                            *theta,
+                            *dims,
+                            &mut table[i * dims / 2..(i + 1) * dims / 2],
+                        );
+                    }
+                    st.rope_valid[slot] = true;
+                }
+                let table = &st.rope[slot].1;
+                let (px, po) = (f32p(x), f32p(o));
+                if px != po {
+                    unsafe { std::ptr::copy(px, po, t * x.row) };
+                }
+                for i in 0..t {
+                    let cache = &table[i * dims / 2..(i + 1) * dims / 2];
+                    for hh in 0..*heads {
+                        let head = unsafe {
+                            std::slice::from_raw_parts_mut(po.add((i * heads + hh) * d), *d)
+                        };
+                        numerics::rope_head(head, cache, *neox);
+                    }
+                }
+            }
+            Kernel::KvAppend { k, v, layer } => {
+                let l = self.kv[*layer];
+                let n = t * l.g * l.d;
+                let (pk, pv) = (f32p(k), f32p(v));
+                let (ks, vs) = unsafe {
+                    (
+                        std::slice::from_raw_parts(pk, n),
+                        std::slice::from_raw_parts(pv, n),
+                    )
+                };
+                let at = p * l.g * l.d;
+                match &mut st.kv[*layer] {
+                    KvData::F16(kc, vc) => {
+                        // Round to nearest even, as f16::from_f32 (F16C when the host has it).
+                        kc[at..at + n]
+                            .reinterpret_cast_mut::<f16>()
+                            .convert_from_f32_slice(ks);
+                        vc[at..at + n]
+                            .reinterpret_cast_mut::<f16>()
+                            .convert_from_f32_slice(vs);
+                    }
+                    KvData::F32(kc, vc) => {
+                        kc[at..at + n].copy_from_slice(ks);
+                        vc[at..at + n].copy_from_slice(vs);
+                    }
+                }
+            }
+            Kernel::Attention {
+                q,
+                layer,
+                out: o,
+                h,
+                scale,
+                kq,
+                kqv,
+            } => {
+                self.attention(st, f32p(q), f32p(o), *layer, t, p, *h, *scale, *kq, *kqv);
+            }
+            Kernel::Logits { x } => {
+                if let Some(r) = rows {
+                    let px = f32p(x);
+                    let first = if r == LogitRows::Last { t - 1 } else { 0 };
+                    let src = unsafe {
+                        std::slice::from_raw_parts(px.add(first * x.row), (t - first) * x.row)
+                    };
+                    out.extend_from_slice(src);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A linear step: prologue (norm, quantization or rounding) per token, then the rows split
+    /// over the workers, each computing chunks of rows and their epilogue (scales, GLU,
+    /// residual) straight into the output.
+    fn linear(
+        &self,
+        index: usize,
+        l: &Linear,
+        st: &mut State,
+        t: usize,
+        rows: LogitRows,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ExecError> {
+        let base = st.arena.ptr;
+        let first = if rows == LogitRows::Last { t - 1 } else { 0 };
+        let tn = t - first;
+        let k = l.k;
+        // Prologue into st.xn (f32) or st.q8/qs (int8).
+        let (x_ptr, q_ptr, s_ptr): (*const f32, *const i8, *const f32) = match &l.input {
+            LinearInput::Quantized { q, s } => unsafe {
+                let q_ptr = base.add(t * q.off + first * k) as *const i8;
+                for i in 0..tn {
+                    let qr = std::slice::from_raw_parts(q_ptr.add(i * k), k);
+                    st.qsum[i] = qr.iter().map(|&v| v as i32).sum();
+                }
+                (
+                    std::ptr::null(),
+                    q_ptr,
+                    (base.add(t * s.off) as *const f32).add(first),
+                )
+            },
+            LinearInput::F32 { x, norm } => {
+                let src = Shared(unsafe { (base.add(t * x.off) as *mut f32).add(first * k) });
+                let ternary = matches!(l.weights, Weights::Ternary { .. });
+                let path = match &l.weights {
+                    Weights::F16 { half, .. } => half.path(tn),
+                    _ => DotPath::F32,
+                };
+                // The interpreter's half_dot rounds for GEMV, for gemm16, and for a GEMM that
+                // falls back to GEMV (rows not a multiple of 16).
+                let round = match path {
+                    DotPath::Gemv => true,
+                    DotPath::Gemm { round } => round || !k.is_multiple_of(16),
+                    DotPath::F32 => false,
+                };
+                let needs_copy = norm.is_some() || round;
+                let xn = Shared(st.xn.as_mut_ptr());
+                let q8 = Shared(st.q8.as_mut_ptr());
+                let qs = Shared(st.qs.as_mut_ptr());
+                let qsum = Shared(st.qsum.as_mut_ptr());
+                let prologue = |i: usize| unsafe {
+                    let xr = std::slice::from_raw_parts(src.get().add(i * k), k);
+                    let dst = std::slice::from_raw_parts_mut(xn.get().add(i * k), k);
+                    match norm {
+                        Some((gain, eps)) => numerics::rms_norm(xr, gain, *eps, dst),
+                        None if needs_copy || ternary => dst.copy_from_slice(xr),
+                        None => {}
+                    }
+                    if ternary {
+                        let qr = std::slice::from_raw_parts_mut(q8.get().add(i * k), k);
+                        *qs.get().add(i) = numerics::quant_act_i8(dst, qr);
+                        *qsum.get().add(i) = qr.iter().map(|&v| v as i32).sum();
+                    } else if round {
+                        for v in dst.iter_mut() {
+                            *v = numerics::round_f16(*v);
+                        }
+                    }
+                };
+                if tn > 1 && self.threads() > 1 {
+                    self.pool.run(&|w, n| {
+                        for i in split(tn, w, n, 1) {
+                            prologue(i);
+                        }
+                    });
+                } else {
+                    for i in 0..tn {
+                        prologue(i);
+                    }
+                }
+                let x_ptr = if norm.is_some() || ternary || needs_copy {
+                    st.xn.as_ptr()
+                } else {
+                    src.get()
+                };
+                (x_ptr, st.q8.as_ptr(), st.qs.as_ptr())
+            }
+        };
+        let qsum = Shared(st.qsum.as_mut_ptr());
+        // Output: the arena, or the caller's logits for the head.
+        let n_out = if l.glu.is_some() { l.n / 2 } else { l.n };
+        let (dst, dst_stride) = if l.head {
+            let at = out.len();
+            out.resize(at + tn * n_out, 0.0);
+            (Shared(unsafe { out.as_mut_ptr().add(at) }), n_out)
+        } else {
+            (
+                Shared(unsafe { (base.add(t * l.out.off) as *mut f32).add(first * n_out) }),
+                l.out.row,
+            )
+        };
+        let residual = l
+            .residual
+            .map(|r| unsafe { (base.add(t * r.off) as *const f32).add(first * r.row) });
+        let residual = residual.map(|r| Shared(r as *mut f32));
+        let generic_acts =
+            match &l.weights {
+                Weights::Generic { parts, .. } => {
+                    let x = unsafe { std::slice::from_raw_parts(x_ptr, tn * k) };
+                    let mut acts = Vec::new();
+                    for part in parts {
+                        let w = part.weight_ref();
+                        acts.push(MatmulActs::new(x, &w).map_err(|m| {
+                            ExecError::Run(format!("{}: {m}", self.labels[index].0))
+                        })?);
+                    }
+                    acts
+                }
+                _ => Vec::new(),
+            };
+        let failure: Mutex<Option<String>> = Mutex::new(None);
+        let (xq, sq) = (Shared(q_ptr as *mut i8), Shared(s_ptr as *mut f32));
+        let xf = Shared(x_ptr as *mut f32);
+        let half_rows = if l.glu.is_some() { l.n / 2 } else { l.n };
+        let locals = &st.locals;
+        let job = |w: usize, nw: usize| {
+            let mut local = locals[w].lock().unwrap_or_else(|e| e.into_inner());
+            let Local { sums, y, y2, .. } = &mut *local;
+            let range = split(half_rows, w, nw, 16);
+            let mut r = range.start;
+            while r < range.end {
+                let c = (range.end - r).min(CHUNK);
+                let mut produce = |row0: usize, into: &mut [f32]| -> Result<(), String> {
+                    self.rows_f32(
+                        l,
+                        row0,
+                        c,
+                        tn,
+                        k,
+                        xq.get(),
+                        sq.get(),
+                        qsum.get(),
+                        xf.get(),
+                        &generic_acts,
+                        sums,
+                        into,
+                    )
+                };
+                if let Err(e) = produce(r, y) {
+                    *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    return;
+                }
+                if let Some(act) = l.glu {
+                    if let Err(e) = produce(l.n / 2 + r, y2) {
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        return;
+                    }
+                    let f = activation(act);
+                    for i in 0..tn * c {
+                        y[i] = f(y[i]) * y2[i];
+                    }
+                }
+                for i in 0..tn {
+                    for j in 0..c {
+                        let mut v = y[i * c + j];
+                        if let Some(res) = residual {
+                            v += unsafe { *res.get().add(i * n_out + r + j) };
+                        }
+                        unsafe { *dst.get().add(i * dst_stride + r + j) = v };
+                    }
+                }
+                r += c;
+            }
+        };
+        if self.threads() > 1 && half_rows >= 32 {
+            self.pool.run(&job);
+        } else {
+            job(0, 1);
+        }
+        match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(m) => Err(ExecError::Run(format!("{}: {m}", self.labels[index].0))),
+            None => Ok(()),
+        }
+    }
+
+    /// Rows `row0..row0+c` of a linear step's weight for `tn` tokens, as f32 into `into`
+    /// (`[tn][c]`).
+    #[allow(clippy::too_many_arguments)]
+    fn rows_f32(
+        &self,
+        l: &Linear,
+        row0: usize,
+        c: usize,
+        tn: usize,
+        k: usize,
+        q: *const i8,
+        s: *const f32,
+        qsum: *const i32,
+        x: *const f32,
+        generic_acts: &[MatmulActs<'_>],
+        sums: &mut [i32],
+        into: &mut [f32],
+    ) -> Result<(), String> {
+        match &l.weights {
+            Weights::Ternary { parts, choice } => {
+                let choice = &self.choices[*choice];
+                let kernel = if tn == 1 { &choice.gemv } else { &choice.gemm };
+                for_parts(parts.iter().map(|p| p.1), row0, c, |pi, local, n, col| {
+                    let (bytes, _, _) = parts[pi];
+                    let args = RowsArgs {
+                        w: unsafe { bytes.ptr.add(local * k / 4) },
+                        row_bytes: k / 4,
+                        rows: n,
+                        q,
+                        k,
+                        tokens: tn,
+                        q_stride: k,
+                        out: unsafe { sums.as_mut_ptr().add(col) },
+                        out_stride: c,
+                    };
+                    // SAFETY: the part holds `local + n` rows of k/4 bytes (checked when
+                    // compiled); q holds tn rows of k; sums holds tn rows of c.
+                    unsafe { kernel.run(&args) };
+                    let beta = parts[pi].2;
+                    for i in 0..tn {
+                        let (qs, qsum) = unsafe { (*s.add(i), *qsum.add(i)) };
+                        for j in col..col + n {
+                            into[i * c + j] =
+                                numerics::i2s_epilogue(sums[i * c + j] - qsum, qs, beta);
+                        }
+                    }
+                });
+            }
+            Weights::F16 { parts, half } => {
+                let dot = match half.path(tn) {
+                    DotPath::Gemm { .. } if k.is_multiple_of(16) => self.half.gemm,
+                    _ => self.half.gemv,
+                };
+                for_parts(parts.iter().map(|p| p.1), row0, c, |pi, local, n, col| {
+                    let w = parts[pi].0.ptr as *const u16;
+                    for j in 0..n {
+                        let wr = unsafe { w.add((local + j) * k) };
+                        for i in 0..tn {
+                            // SAFETY: rows of k f16 values; x holds tn rows of k.
+                            into[i * c + col + j] = unsafe { dot(x.add(i * k), wr, k) };
+                        }
+                    }
+                });
+            }
+            Weights::Generic { parts, half } => {
+                let path = half.path(tn);
+                let mut failure = None;
+                for_parts(
+                    parts.iter().map(|p| p.shape[0] as usize),
+                    row0,
+                    c,
+                    |pi, local, n, col| {
+                        let w = parts[pi].weight_ref();
+                        let res = matmul_rows(
+                            &generic_acts[pi],
+                            &w,
+                            path,
+                            local..local + n,
+                            |tok, r, v| {
+                                into[tok * c + col + r - local] = v;
+                            },
+                        );
+                        if let Err(e) = res {
+                            failure = Some(e);
+                        }
+                    },
+                );
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Causal attention for `t` tokens after `p` cached positions, heads split over workers,
+    /// with the interpreter's summation orders (see `interp::attention`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        st: &mut State,
+        q: *const f32,
+        o: *mut f32,
+        layer: usize,
+        t: usize,
+        p: usize,
+        h: usize,
+        scale: f32,
+        kq: HalfPath,
+        kqv: HalfPath,
+    ) {
+        let l = self.kv[layer];
+        let (g, d) = (l.g, l.d);
+        let group = h / g;
+        let (kq, kqv) = if l.f16 {
+            (kq.path(t), kqv.path(t))
+        } else {
+            (DotPath::F32, DotPath::F32)
+        };
+        let kv = &st.kv[layer];
+        let (q, o) = (Shared(q as *mut f32), Shared(o));
+        let half = self.half;
+        let locals = &st.locals;
+        let job = |w: usize, nw: usize| {
+            let mut local = locals[w].lock().unwrap_or_else(|e| e.into_inner());
+            let Local {
+                scores,
+                acc,
+                acc64,
+                row,
+                qh,
+                ..
+            } = &mut *local;
+            for item in split(t * h, w, nw, 1) {
+                let (tok, head) = (item / h, item % h);
+                let kvh = head / group;
+                let visible = p + tok + 1;
+                let qv =
+                    unsafe { std::slice::from_raw_parts(q.get().add((tok * h + head) * d), d) };
+                let scores = &mut scores[..visible.next_multiple_of(32)];
+                match kv {
+                    KvData::F16(kc, _) if kq == DotPath::F32 => {
+                        for (j, s) in scores[..visible].iter_mut().enumerate() {
+                            let kr: &[f16] = kc[(j * g + kvh) * d..][..d].reinterpret_cast();
+                            kr.convert_to_f32_slice(&mut row[..d]);
+                            *s = numerics::dot_f64(qv, &row[..d]) * scale;
+                        }
+                    }
+                    KvData::F16(kc, _) => {
+                        let round = match kq {
+                            DotPath::Gemm { round } => round || d % 16 != 0,
+                            _ => true,
+                        };
+                        for (dst, &v) in qh[..d].iter_mut().zip(qv) {
+                            *dst = if round { numerics::round_f16(v) } else { v };
+                        }
+                        let dot = match kq {
+                            DotPath::Gemm { .. } if d % 16 == 0 => half.gemm,
+                            _ => half.gemv,
+                        };
+                        for (j, s) in scores[..visible].iter_mut().enumerate() {
+                            let kr = &kc[(j * g + kvh) * d..][..d];
+                            *s = unsafe { dot(qh.as_ptr(), kr.as_ptr(), d) } * scale;
+                        }
+                    }
+                    KvData::F32(kc, _) => {
+                        for (j, s) in scores[..visible].iter_mut().enumerate() {
+                            *s = numerics::dot_f64(qv, &kc[(j * g + kvh) * d..][..d]) * scale;
+                        }
+                    }
+                }
+                numerics::softmax(&mut scores[..visible]);
+                for s in &mut scores[visible..] {
+                    *s = 0.0;
+                }
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(o.get().add((tok * h + head) * d), d) };
+                weighted_values(kv, kqv, scores, visible, g, kvh, d, acc, acc64, row, out);
+            }
+        };
+        if self.threads() > 1 && t * h > 1 {
+            self.pool.run(&job);
+        } else {
+            job(0, 1);
+        }
+    }
+}
+
+/// `out[dim] = Σ_j x_j · v[j][dim]` over the padded scores with the summation order of the
+/// interpreter's `half_dot` along `path` (chains of 64 or 16 lanes, or f64), vectorized across
+/// `dim`: every chain is the same sequence of fused multiply-adds as the scalar reference.
+#[allow(clippy::too_many_arguments)]
+fn weighted_values(
+    kv: &KvData,
+    path: DotPath,
+    scores: &[f32],
+    visible: usize,
+    g: usize,
+    kvh: usize,
+    d: usize,
+    acc: &mut Vec<f32>,
+    acc64: &mut Vec<f64>,
+    row: &mut [f32],
+    out: &mut [f32],
+) {
+    let padded = scores.len();
+    let v_row = |j: usize, row: &mut [f32]| match kv {
+        KvData::F16(_, vc) => {
+            let src: &[f16] = vc[(j * g + kvh) * d..][..d].reinterpret_cast();
+            src.convert_to_f32_slice(&mut row[..d]);
+        }
+        KvData::F32(_, vc) => row[..d].copy_from_slice(&vc[(j * g + kvh) * d..][..d]),
+    };
+    match path {
+        DotPath::F32 => {
+            acc64.clear();
+            acc64.resize(d, 0.0);
+            for (j, &s) in scores[..visible].iter().enumerate() {
+                v_row(j, row);
+                let x = s as f64;
+                for (a, &v) in acc64.iter_mut().zip(&row[..d]) {
+                    *a += x * v as f64;
+                }
+            }
+            for (o, &a) in out.iter_mut().zip(acc64.iter()) {
+                *o = a as f32;
+            }
+        }
+        DotPath::Gemv | DotPath::Gemm { .. } => {
+            let (chains, round, limit) = match path {
+                DotPath::Gemm { round } if padded.is_multiple_of(16) => (16, round, padded),
+                _ => (64, true, padded & !63),
+            };
+            // Chains only exist past the first 64 (GEMV) or 16 positions; below that the GEMV
+            // sums everything in f64 and the chain part is exactly zero.
+            let used = chains.min(limit);
+            acc.clear();
+            acc.resize(used * d, 0.0);
+            let x_of = |j: usize| {
+                let s = scores[j];
+                if round { numerics::round_f16(s) } else { s }
+            };
+            for j in 0..limit.min(visible) {
+                v_row(j, row);
+                let x = x_of(j);
+                let a = &mut acc[(j % chains) * d..][..d];
+                fma_row(a, x, &row[..d]);
+            }
+            // Padding (j >= visible) adds x·0 = 0 to every chain: a no-op on finite sums.
+            acc64.clear();
+            if used == 0 {
+                acc64.resize(d, 0.0);
+            } else {
+                // The same additions as the scalar reduction, a whole row of dims at a time:
+                // GEMV's (a0+a2)+(a1+a3), then _mm512_reduce_add_ps's halving tree.
+                if chains == 64 {
+                    for l in 0..16 {
+                        for dim in 0..d {
+                            acc[l * d + dim] = (acc[l * d + dim] + acc[(32 + l) * d + dim])
+                                + (acc[(16 + l) * d + dim] + acc[(48 + l) * d + dim]);
+                        }
+                    }
+                }
+                let mut n = 16;
+                while n > 1 {
+                    n /= 2;
+                    for i in 0..n {
+                        let (lo, hi) = acc.split_at_mut((i + n) * d);
+                        for (a, &b) in lo[i * d..(i + 1) * d].iter_mut().zip(&hi[..d]) {
+                            *a += b;
+                        }
+                    }
+                }
+                acc64.extend(acc[..d].iter().map(|&v| v as f64));
+            }
+            if chains == 16 {
+                for (o, &a) in out.iter_mut().zip(acc64.iter()) {
+                    *o = a as f32;
+                }
+                return;
+            }
+            // ggml's GEMV adds the elements past the last 64 in f64, padding (0·0) included.
+            for j in limit..padded {
+                if j < visible {
+                    v_row(j, row);
+                    let x = x_of(j);
+                    for (a, &v) in acc64.iter_mut().zip(&row[..d]) {
+                        *a += (x * v) as f64;
+                    }
+                } else {
+                    for a in acc64.iter_mut() {
+                        *a += 0.0;
+                    }
+                }
+            }
+            for (o, &a) in out.iter_mut().zip(acc64.iter()) {
+                *o = a as f32;
+            }
+        }
+    }
+}
+
+/// `a[i] = x·v[i] + a[i]` fused, vectorized where the host allows.
+fn fma_row(a: &mut [f32], x: f32, v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the features are present.
+        return unsafe { fma_row_fma(a, x, v) };
+    }
+    for (a, &v) in a.iter_mut().zip(v) {
+        *a = x.mul_add(v, *a);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_row_fma(a: &mut [f32], x: f32, v: &[f32]) {
+    for (a, &v) in a.iter_mut().zip(v) {
+        *a = x.mul_add(v, *a);
+    }
+}
+
+/// Calls `f(part, row_in_part, rows, column)` for the pieces of global rows `row0..row0+c`
+/// that fall in each part (parts stacked by rows).
+fn for_parts(
+    part_rows: impl Iterator<Item = usize>,
+    row0: usize,
+    c: usize,
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
+    let mut start = 0;
+    for (pi, n) in part_rows.enumerate() {
+        let (lo, hi) = (row0.max(start), (row0 + c).min(start + n));
+        if lo < hi {
+            f(pi, lo - start, hi - lo, lo - row0);
+        }
+        start += n;
+    }
+}
+
+impl GenericPart {
+    fn weight_ref(&self) -> WeightRef<'_> {
+        WeightRef {
+            encoding: self.encoding,
+            shape: &self.shape,
+            bytes: self.bytes.get(),
+        }
+    }
+}
+
+fn activation(act: Activation) -> fn(f32) -> f32 {
+    match act {
+        Activation::Silu => numerics::silu,
+        Activation::Relu2 => numerics::relu2,
+    }
+}
+
+/// Compiles plan steps into kernels.
+struct Builder<'p> {
+    plan: &'p Plan,
+    src: &'p (dyn WeightSource + Send + Sync),
+    kernels: Vec<Kernel>,
+    labels: Vec<(String, String)>,
+    kv: Vec<KvLayout>,
+    /// Cache buffers: which layer, keys (false) or values (true).
+    cache_of: HashMap<BufferId, (usize, bool)>,
+    choices: Vec<TernaryChoice>,
+    set: KernelSet,
+    max_k: usize,
+    max_rope: usize,
+    vocab: usize,
+    half: HalfDots,
+}
+
+impl<'p> Builder<'p> {
+    fn act(&self, i: usize, op: &Op, b: BufferId) -> Result<Act, ExecError> {
+        let buf = self
+            .plan
+            .buffers
+            .get(b as usize)
+            .ok_or_else(|| step_err(i, op, format!("buffer {b} does not exist")))?;
+        match &buf.storage {
+            Storage::Arena { offset: Some(off) } => {
+                let bytes = buf
+                    .row_bytes()
+                    .ok_or_else(|| step_err(i, op, format!("buffer {b} has no fixed row size")))?;
+                let elem = match buf.ty.dtype {
+                    DType::I8 => 1,
+                    DType::F16 | DType::BF16 => 2,
+                    _ => 4,
+                };
+                Ok(Act {
+                    off: *off as usize,
+                    row: (bytes / elem) as usize,
+                })
+            }
+            other => Err(step_err(
+                i,
+                op,
+                format!("buffer {b} is {other:?}, expected an activation"),
+            )),
+        }
+    }
+
+    fn int_input(&self, i: usize, op: &Op, b: BufferId) -> Result<IntInput, ExecError> {
+        match self.plan.buffers.get(b as usize).map(|x| &x.storage) {
+            Some(Storage::Input { name }) if name == "tokens" => Ok(IntInput::Tokens),
+            Some(Storage::Input { name }) if name == "positions" => Ok(IntInput::Positions),
+            other => Err(step_err(
+                i,
+                op,
+                format!("buffer {b} is {other:?}, expected the tokens or positions input"),
+            )),
+        }
+    }
+
+    /// The weight parts of buffer `b`, checked against their declared types.
+    fn weights(
+        &self,
+        i: usize,
+        op: &Op,
+        b: BufferId,
+    ) -> Result<Vec<(String, WeightRef<'p>)>, ExecError> {
+        match self.plan.buffers.get(b as usize).map(|x| &x.storage) {
+            Some(Storage::Weight { parts, layout }) => {
+                if let Some(layout) = layout {
+                    return Err(step_err(
+                        i,
+                        op,
+                        format!("weight layout '{layout}' has no CPU kernel"),
+                    ));
+                }
+                parts
+                    .iter()
+                    .map(|part| {
+                        let shape: Vec<u64> = part
+                            .ty
+                            .shape
+                            .iter()
+                            .map(|d| d.fixed().unwrap_or(0))
+                            .collect();
+                        fetch_weight(self.src, &part.name, part.ty.dtype, &shape)
+                            .map(|w| (part.name.clone(), w))
+                            .map_err(|e| ExecError::Weight {
+                                name: part.name.clone(),
+                                message: e.to_string(),
+                            })
+                    })
+                    .collect()
+            }
+            other => Err(step_err(
+                i,
+                op,
+                format!("buffer {b} is {other:?}, expected a weight"),
+            )),
+        }
+    }
+
+    fn float_weight(&self, i: usize, op: &Op, b: BufferId) -> Result<Vec<f32>, ExecError> {
+        let parts = self.weights(i, op, b)?;
+        let [(name, w)] = &parts[..] else {
+            return Err(step_err(i, op, "expects a single weight"));
+        };
+        let n: u64 = w.shape.iter().product();
+        w.encoding
+            .decode(w.bytes, n)
+            .map_err(|e| ExecError::Weight {
+                name: name.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    fn choice(&mut self, k: usize) -> Result<usize, ExecError> {
+        if let Some(i) = self.choices.iter().position(|c| c.k == k) {
+            return Ok(i);
+        }
+        self.choices.push(choose_ternary(k, self.set)?);
+        Ok(self.choices.len() - 1)
+    }
+
+    fn linear_weights(
+        &mut self,
+        i: usize,
+        op: &Op,
+        b: BufferId,
+        half: HalfPath,
+    ) -> Result<(Weights, usize, usize, String), ExecError> {
+        let parts = self.weights(i, op, b)?;
+        let enc = parts[0].1.encoding;
+        if let Some((name, w)) = parts.iter().find(|(_, w)| w.encoding != enc) {
+            return Err(ExecError::Weight {
+                name: name.clone(),
+                message: format!("is {}, the other parts are {enc}", w.encoding),
+            });
+        }
+        let k = parts[0].1.shape[1] as usize;
+        let n: usize = parts.iter().map(|(_, w)| w.shape[0] as usize).sum();
+        let weights = match enc {
+            Encoding::I2S => {
+                if !k.is_multiple_of(128) {
+                    return Err(step_err(
+                        i,
+                        op,
+                        format!("i2_s rows of {k} elements are not whole 128-element blocks"),
+                    ));
+                }
+                let mut ps = Vec::new();
+                for (name, w) in &parts {
+                    let rows = w.shape[0] as usize;
+                    let total = (rows * k) as u64;
+                    let expect = Encoding::I2S
+                        .byte_size(total)
+                        .map_err(|e| ExecError::Weight {
+                            name: name.clone(),
+                            message: e.to_string(),
+                        })?;
+                    if w.bytes.len() as u64 != expect {
+                        return Err(ExecError::Weight {
+                            name: name.clone(),
+                            message: format!("has {} bytes, expected {expect}", w.bytes.len()),
+                        });
+                    }
+                    if let Some(at) = find_code3(&w.bytes[..rows * k / 4]) {
+                        return Err(ExecError::Weight {
+                            name: name.clone(),
+                            message: format!("i2_s code 3 (not a ternary value) in byte {at}"),
+                        });
+                    }
+                    ps.push((Bytes::of(w.bytes), rows, i2s_scale(w.bytes, total)));
+                }
+                let choice = self.choice(k)?;
+                (
+                    Weights::Ternary { parts: ps, choice },
+                    format!("i2_s [{}]", self.choices[choice].gemv.name()),
+                )
+            }
+            // (An f32 path sums in f64: the reference numerics below.)
+            Encoding::F16 if half != HalfPath::F32 => {
+                let mut ps = Vec::new();
+                for (name, w) in &parts {
+                    let rows = w.shape[0] as usize;
+                    if w.bytes.len() != rows * k * 2 {
+                        return Err(ExecError::Weight {
+                            name: name.clone(),
+                            message: format!(
+                                "has {} bytes, expected {}",
+                                w.bytes.len(),
+                                rows * k * 2
+                            ),
+                        });
+                    }
+                    if !(w.bytes.as_ptr() as usize).is_multiple_of(2) {
+                        return Err(ExecError::Weight {
+                            name: name.clone(),
+                            message: "f16 data is not 2-byte aligned".into(),
+                        });
+                    }
+                    ps.push((Bytes::of(w.bytes), rows));
+                }
+                (
+                    Weights::F16 { parts: ps, half },
+                    format!("f16 {} [{}]", half.name(), self.half.variant),
+                )
+            }
+            other => {
+                let ps = parts
+                    .iter()
+                    .map(|(_, w)| GenericPart {
+                        bytes: Bytes::of(w.bytes),
+                        encoding: w.encoding,
+                        shape: [w.shape[0], w.shape[1]],
+                    })
+                    .collect();
+                (
+                    Weights::Generic { parts: ps, half },
+                    format!("{other} [reference numerics]"),
+                )
+            }
+        };
+        self.max_k = self.max_k.max(k);
+        let (w, label) = weights;
+        Ok((w, k, n, label))
+    }
+
+    fn kernel(
+        &mut self,
+        i: usize,
+        step: &bitnetc_ir::plan::Step,
+        head: bool,
+    ) -> Result<(Kernel, (String, String)), ExecError> {
+        let op = &step.op;
+        let a = |j: usize| step.operands[j];
+        let r = |j: usize| step.results[j];
+        let label = |k: &str, v: &str| (k.to_string(), v.to_string());
+        Ok(match op {
+            Op::Input { .. } | Op::Weight { .. } | Op::WeightConcat | Op::Repack { .. } => {
+                (Kernel::Nop, label("data", "-"))
+            }
+            Op::Output { name } => {
+                if name != "logits" {
+                    return Err(step_err(
+                        i,
+                        op,
+                        format!("output '{name}': the compiled executor returns `logits` only"),
+                    ));
+                }
+                let producer_is_linear = self
+                    .kernels
+                    .iter()
+                    .any(|k| matches!(k, Kernel::Linear(l) if l.head));
+                if producer_is_linear {
+                    (Kernel::Nop, label("output", "-"))
+                } else {
+                    let x = self.act(i, op, a(0))?;
+                    self.vocab = x.row;
+                    (Kernel::Logits { x }, label("output logits", "copy"))
+                }
+            }
+            Op::Embed => {
+                let ids = self.int_input(i, op, a(0))?;
+                let parts = self.weights(i, op, a(1))?;
+                let [(_, w)] = &parts[..] else {
+                    return Err(step_err(i, op, "expects a single table"));
+                };
+                let out = self.act(i, op, r(0))?;
+                let (vocab, h) = (w.shape[0] as usize, w.shape[1] as usize);
+                (
+                    Kernel::Embed {
+                        ids,
+                        table: Bytes::of(w.bytes),
+                        encoding: w.encoding,
+                        vocab,
+                        h,
+                        out,
+                    },
+                    label(&format!("embed {}", w.encoding), "decode"),
+                )
+            }
+            Op::RmsNorm { eps } => {
+                let x = self.act(i, op, a(0))?;
+                self.max_k = self.max_k.max(x.row);
+                (
+                    Kernel::RmsNorm {
+                        x,
+                        gain: self.float_weight(i, op, a(1))?,
+                        eps: *eps,
+                        out: self.act(i, op, r(0))?,
+                    },
+                    label("rms_norm", "scalar"),
+                )
+            }
+            Op::QuantAct => (
+                Kernel::QuantAct {
+                    x: self.act(i, op, a(0))?,
+                    q: self.act(i, op, r(0))?,
+                    s: self.act(i, op, r(1))?,
+                },
+                label("quant_act", "scalar"),
+            ),
+            Op::TMatmul | Op::Matmul { .. } | Op::Linear { .. } => {
+                let (input, wb, glu, residual, half) = match op {
+                    Op::TMatmul => (
+                        LinearInput::Quantized {
+                            q: self.act(i, op, a(0))?,
+                            s: self.act(i, op, a(1))?,
+                        },
+                        a(2),
+                        None,
+                        None,
+                        HalfPath::F32,
+                    ),
+                    Op::Matmul { half } => (
+                        LinearInput::F32 {
+                            x: self.act(i, op, a(0))?,
+                            norm: None,
+                        },
+                        a(1),
+                        None,
+                        None,
+                        *half,
+                    ),
+                    Op::Linear {
+                        norm,
+                        glu,
+                        residual,
+                        half,
+                    } => {
+                        let mut next = 2;
+                        let norm = match norm {
+                            Some(eps) => {
+                                next += 1;
+                                Some((self.float_weight(i, op, a(2))?, *eps))
+                            }
+                            None => None,
+                        };
+                        let residual = if *residual {
+                            Some(self.act(i, op, a(next))?)
+                        } else {
+                            None
+                        };
+                        (
+                            LinearInput::F32 {
+                                x: self.act(i, op, a(0))?,
+                                norm,
+                            },
+                            a(1),
+                            *glu,
+                            residual,
+                            *half,
+                        )
+                    }
+                    _ => unreachable!(),
+                };
+                let (weights, k, n, variant) = self.linear_weights(i, op, wb, half)?;
+                if matches!(input, LinearInput::Quantized { .. })
+                    && !matches!(weights, Weights::Ternary { .. })
+                {
+                    return Err(step_err(i, op, "tmatmul needs an i2_s weight"));
+                }
+                if glu.is_some() && n % 2 != 0 {
+                    return Err(step_err(
+                        i,
+                        op,
+                        format!("a gated linear needs an even number of rows, got {n}"),
+                    ));
+                }
+                let out = self.act(i, op, r(0))?;
+                if head {
+                    self.vocab = out.row;
+                }
+                let name = format!(
+                    "{} {k}→{n}{}{}{}",
+                    op.name(),
+                    if matches!(&input, LinearInput::F32 { norm: Some(_), .. }) {
+                        " +norm"
+                    } else {
+                        ""
+                    },
+                    glu.map_or(String::new(), |g| format!(" +{}", g.name())),
+                    if residual.is_some() { " +residual" } else { "" }
+                );
+                (
+                    Kernel::Linear(Box::new(Linear {
+                        input,
+                        k,
+                        n,
+                        weights,
+                        glu,
+                        residual,
+                        out,
+                        head,
+                    })),
+                    (name, variant),
+                )
+            }
+            Op::Mul | Op::Add => {
+                let b = match self.plan.buffers.get(a(1) as usize).map(|x| &x.storage) {
+                    Some(Storage::Weight { .. }) => {
+                        Operand::Const(self.float_weight(i, op, a(1))?)
+                    }
+                    _ => Operand::Act(self.act(i, op, a(1))?),
+                };
+                let (x, out) = (self.act(i, op, a(0))?, self.act(i, op, r(0))?);
+                if let Operand::Const(c) = &b
+                    && c.len() != 1
+                    && c.len() != x.row
+                {
+                    return Err(step_err(
+                        i,
+                        op,
+                        format!("operand of {} values for rows of {}", c.len(), x.row),
+                    ));
+                }
+                (
+                    Kernel::Binary {
+                        a: x,
+                        b,
+                        out,
+                        mul: matches!(op, Op::Mul),
+                    },
+                    label(op.name(), "scalar"),
+                )
+            }
+            Op::Act { act } => (
+                Kernel::Act {
+                    x: self.act(i, op, a(0))?,
+                    act: *act,
+                    out: self.act(i, op, r(0))?,
+                },
+                label(&format!("act {}", act.name()), "scalar"),
+            ),
+            Op::Reshape { .. } => {
+                let (x, out) = (self.act(i, op, a(0))?, self.act(i, op, r(0))?);
+                let elem = self.plan.buffers[a(0) as usize].row_bytes().unwrap_or(0) as usize;
+                (
+                    Kernel::Copy {
+                        x,
+                        out,
+                        bytes: elem,
+                    },
+                    label("reshape", "view"),
+                )
+            }
+            Op::Split { sizes } => {
+                let x = self.act(i, op, a(0))?;
+                let mut outs = Vec::new();
+                let mut start = 0;
+                for (j, &size) in sizes.iter().enumerate() {
+                    outs.push((self.act(i, op, r(j))?, start));
+                    start += size as usize;
+                }
+                (Kernel::Split { x, outs }, label("split", "copy"))
+            }
+            Op::Rope { theta, style, dims } => {
+                let ty = &self.plan.buffers[a(0) as usize].ty;
+                let dim = |j: usize| ty.shape.get(j).and_then(|d| d.fixed()).unwrap_or(0) as usize;
+                let (heads, d) = (dim(1), dim(2));
+                if *dims as usize > d || dims % 2 != 0 {
+                    return Err(step_err(i, op, format!("rotates {dims} of {d} dimensions")));
+                }
+                self.max_rope = self.max_rope.max(d);
+                (
+                    Kernel::Rope {
+                        x: self.act(i, op, a(0))?,
+                        pos: self.int_input(i, op, a(1))?,
+                        out: self.act(i, op, r(0))?,
+                        heads,
+                        d,
+                        theta: *theta,
+                        neox: *style == RopeStyle::Neox,
+                        dims: *dims as usize,
+                    },
+                    label("rope", "scalar"),
+                )
+            }
+            Op::KvAppend { layer, cache } => {
+                let ty = &self.plan.buffers[a(0) as usize].ty;
+                let dim = |j: usize| ty.shape.get(j).and_then(|d| d.fixed()).unwrap_or(0) as usize;
+                let layout = KvLayout {
+                    g: dim(1),
+                    d: dim(2),
+                    f16: *cache == DType::F16,
+                };
+                let index = self.kv.len();
+                self.kv.push(layout);
+                let _ = layer;
+                self.cache_of.insert(r(0), (index, false));
+                self.cache_of.insert(r(1), (index, true));
+                (
+                    Kernel::KvAppend {
+                        k: self.act(i, op, a(0))?,
+                        v: self.act(i, op, a(1))?,
+                        layer: index,
+                    },
+                    label("kv_append", "copy"),
+                )
+            }
+            Op::Attention { scale, kq, kqv } => {
+                let (layer, _) = *self
+                    .cache_of
+                    .get(&a(1))
+                    .ok_or_else(|| step_err(i, op, "keys are not a cache written earlier"))?;
+                if self.cache_of.get(&a(2)) != Some(&(layer, true)) {
+                    return Err(step_err(i, op, "values are not the same layer's cache"));
+                }
+                let ty = &self.plan.buffers[a(0) as usize].ty;
+                let h = ty.shape.get(1).and_then(|d| d.fixed()).unwrap_or(0) as usize;
+                let l = self.kv[layer];
+                if h == 0 || l.g == 0 || !h.is_multiple_of(l.g) {
+                    return Err(step_err(
+                        i,
+                        op,
+                        format!("{h} query heads for {} key heads", l.g),
+                    ));
+                }
+                self.max_rope = self.max_rope.max(l.d);
+                (
+                    Kernel::Attention {
+                        q: self.act(i, op, a(0))?,
+                        layer,
+                        out: self.act(i, op, r(0))?,
+                        h,
+                        scale: *scale,
+                        kq: *kq,
+                        kqv: *kqv,
+                    },
+                    label("attention", if l.f16 { "f16 cache" } else { "f32 cache" }),
+                )
+            }
+        })
+    }
+}
+
+/// The first byte holding an I2_S code 3 (both bits of a pair set), if any.
+fn find_code3(bytes: &[u8]) -> Option<usize> {
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    for (i, w) in words.enumerate() {
+        let v = u64::from_le_bytes(w.try_into().unwrap());
+        if v & (v >> 1) & 0x5555_5555_5555_5555 != 0 {
+            return (i * 8..i * 8 + 8).find(|&j| bytes[j] & (bytes[j] >> 1) & 0x55 != 0);
+        }
+    }
+    let start = bytes.len() - tail.len();
+    (start..bytes.len()).find(|&j| bytes[j] & (bytes[j] >> 1) & 0x55 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code3_is_found_where_it_is() {
+        let mut b = vec![0b1010_1001u8; 37];
+        assert_eq!(find_code3(&b), None);
+        b[21] = 0b0011_0000;
+        assert_eq!(find_code3(&b), Some(21));
+        b[36] = 0b0000_0011;
+        b[21] = 0;
+        assert_eq!(find_code3(&b), Some(36));
+    }
+
+    #[test]
+    fn parts_are_cut_at_their_boundaries() {
+        let mut got = Vec::new();
+        for_parts([10, 5, 20].into_iter(), 8, 10, |p, local, n, col| {
+            got.push((p, local, n, col))
+        });
+        assert_eq!(got, vec![(0, 8, 2, 0), (1, 0, 5, 2), (2, 0, 3, 7)]);
+    }
+}
