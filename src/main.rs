@@ -38,6 +38,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Write a model with random weights and the dimensions of a known model
     GenModel(GenModelArgs),
+    /// Measure prompt and generation speed (llama-bench's tests and table)
+    Bench(cli::bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -209,6 +211,7 @@ fn main() -> ExitCode {
         Command::Compile(a) => cli::tools::compile(a),
         Command::Logits(a) => cli::tools::logits(a),
         Command::GenModel(a) => cli::tools::gen_model(a),
+        Command::Bench(a) => cli::bench::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

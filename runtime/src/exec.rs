@@ -6,6 +6,7 @@
 //! kernel trace.
 
 use crate::pool::{Pool, split};
+use bitnetc_codegen_cpu::act::{QuantFn, select_quant};
 use bitnetc_codegen_cpu::half::HalfDots;
 use bitnetc_codegen_cpu::jit::JitError;
 use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary};
@@ -283,6 +284,7 @@ pub struct Executor {
     vocab: usize,
     choices: Vec<TernaryChoice>,
     half: HalfDots,
+    quant: (&'static str, QuantFn),
     max_k: usize,
     max_rope: usize,
     _weights: Arc<dyn WeightSource + Send + Sync>,
@@ -368,6 +370,8 @@ pub struct State {
     rope_valid: Vec<bool>,
     locals: Vec<Mutex<Local>>,
     kv: Vec<KvData>,
+    /// One layer's values converted to f32 for the attention step at hand.
+    v32: Vec<f32>,
     capacity: usize,
     len: usize,
 }
@@ -463,6 +467,7 @@ impl Executor {
             vocab: b.vocab,
             choices: b.choices,
             half: b.half,
+            quant: select_quant(opts.kernels == KernelSet::Baseline),
             max_k: b.max_k,
             max_rope: b.max_rope,
             _weights: weights,
@@ -531,6 +536,16 @@ impl Executor {
                 })
                 .collect(),
             kv,
+            v32: vec![
+                0.0;
+                capacity
+                    * self
+                        .kv
+                        .iter()
+                        .map(|l| if l.f16 { l.g * l.d } else { 0 })
+                        .max()
+                        .unwrap_or(0)
+            ],
             capacity,
             len: 0,
         }
@@ -916,8 +931,9 @@ impl Executor {
                     }
                     if ternary {
                         let qr = std::slice::from_raw_parts_mut(q8.get().add(i * k), k);
-                        *qs.get().add(i) = numerics::quant_act_i8(dst, qr);
-                        *qsum.get().add(i) = qr.iter().map(|&v| v as i32).sum();
+                        let (s, sum) = (self.quant.1)(dst, qr);
+                        *qs.get().add(i) = s;
+                        *qsum.get().add(i) = sum;
                     } else if round {
                         for v in dst.iter_mut() {
                             *v = numerics::round_f16(*v);
@@ -1163,6 +1179,33 @@ impl Executor {
         let (q, o) = (Shared(q as *mut f32), Shared(o));
         let half = self.half;
         let locals = &st.locals;
+        // Values as f32, converted once per step (not once per query head and token).
+        let row_len = g * d;
+        let rows = p + t;
+        let v32: &[f32] = match kv {
+            KvData::F32(_, vc) => &vc[..rows * row_len],
+            KvData::F16(_, vc) => {
+                let dst = Shared(st.v32.as_mut_ptr());
+                let convert = |w: usize, nw: usize| {
+                    let r = split(rows, w, nw, 16);
+                    let src: &[f16] = vc[r.start * row_len..r.end * row_len].reinterpret_cast();
+                    // SAFETY: workers write disjoint row ranges of v32, sized for the capacity.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            dst.get().add(r.start * row_len),
+                            r.len() * row_len,
+                        )
+                    };
+                    src.convert_to_f32_slice(out);
+                };
+                if self.threads() > 1 && rows >= 64 {
+                    self.pool.run(&convert);
+                } else {
+                    convert(0, 1);
+                }
+                &st.v32[..rows * row_len]
+            }
+        };
         let job = |w: usize, nw: usize| {
             let mut local = locals[w].lock().unwrap_or_else(|e| e.into_inner());
             let Local {
@@ -1173,7 +1216,9 @@ impl Executor {
                 qh,
                 ..
             } = &mut *local;
-            for item in split(t * h, w, nw, 1) {
+            // Every nw-th (token, head): later tokens see more positions, so contiguous ranges
+            // would leave the first workers idle.
+            for item in (w..t * h).step_by(nw) {
                 let (tok, head) = (item / h, item % h);
                 let kvh = head / group;
                 let visible = p + tok + 1;
@@ -1217,7 +1262,7 @@ impl Executor {
                 }
                 let out =
                     unsafe { std::slice::from_raw_parts_mut(o.get().add((tok * h + head) * d), d) };
-                weighted_values(kv, kqv, scores, visible, g, kvh, d, acc, acc64, row, out);
+                weighted_values(v32, kqv, scores, visible, g, kvh, d, acc, acc64, out);
             }
         };
         if self.threads() > 1 && t * h > 1 {
@@ -1233,7 +1278,7 @@ impl Executor {
 /// `dim`: every chain is the same sequence of fused multiply-adds as the scalar reference.
 #[allow(clippy::too_many_arguments)]
 fn weighted_values(
-    kv: &KvData,
+    v: &[f32],
     path: DotPath,
     scores: &[f32],
     visible: usize,
@@ -1242,25 +1287,17 @@ fn weighted_values(
     d: usize,
     acc: &mut Vec<f32>,
     acc64: &mut Vec<f64>,
-    row: &mut [f32],
     out: &mut [f32],
 ) {
     let padded = scores.len();
-    let v_row = |j: usize, row: &mut [f32]| match kv {
-        KvData::F16(_, vc) => {
-            let src: &[f16] = vc[(j * g + kvh) * d..][..d].reinterpret_cast();
-            src.convert_to_f32_slice(&mut row[..d]);
-        }
-        KvData::F32(_, vc) => row[..d].copy_from_slice(&vc[(j * g + kvh) * d..][..d]),
-    };
+    let v_row = |j: usize| &v[(j * g + kvh) * d..][..d];
     match path {
         DotPath::F32 => {
             acc64.clear();
             acc64.resize(d, 0.0);
             for (j, &s) in scores[..visible].iter().enumerate() {
-                v_row(j, row);
                 let x = s as f64;
-                for (a, &v) in acc64.iter_mut().zip(&row[..d]) {
+                for (a, &v) in acc64.iter_mut().zip(v_row(j)) {
                     *a += x * v as f64;
                 }
             }
@@ -1283,10 +1320,9 @@ fn weighted_values(
                 if round { numerics::round_f16(s) } else { s }
             };
             for j in 0..limit.min(visible) {
-                v_row(j, row);
                 let x = x_of(j);
                 let a = &mut acc[(j % chains) * d..][..d];
-                fma_row(a, x, &row[..d]);
+                fma_row(a, x, v_row(j));
             }
             // Padding (j >= visible) adds x·0 = 0 to every chain: a no-op on finite sums.
             acc64.clear();
@@ -1324,9 +1360,8 @@ fn weighted_values(
             // ggml's GEMV adds the elements past the last 64 in f64, padding (0·0) included.
             for j in limit..padded {
                 if j < visible {
-                    v_row(j, row);
                     let x = x_of(j);
-                    for (a, &v) in acc64.iter_mut().zip(&row[..d]) {
+                    for (a, &v) in acc64.iter_mut().zip(v_row(j)) {
                         *a += (x * v) as f64;
                     }
                 } else {

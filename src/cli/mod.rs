@@ -1,5 +1,6 @@
 //! The commands of `bitnetc`, one module per group.
 
+pub mod bench;
 pub mod generate;
 pub mod inspect;
 pub mod tools;

@@ -158,7 +158,7 @@ fn help_texts() {
     let o = bitnetc(&["--help"]);
     insta::assert_snapshot!("help", stdout(&o));
     for cmd in [
-        "inspect", "quantize", "compile", "logits", "run", "chat", "tokenize",
+        "inspect", "quantize", "compile", "logits", "run", "chat", "tokenize", "bench",
     ] {
         let o = bitnetc(&[cmd, "--help"]);
         assert!(o.status.success());
@@ -452,5 +452,71 @@ fn compile_runs_named_passes_and_prints_stages() {
         stderr(&o).contains("pass 'dce' is not in the pipeline (cse)"),
         "{}",
         stderr(&o)
+    );
+}
+
+#[test]
+fn bench_writes_llama_bench_json_records() {
+    let path = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let o = bitnetc(&[
+        "bench",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "-t",
+        "1,2",
+        "-r",
+        "2",
+        "-o",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let records: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let records = records.as_array().unwrap();
+    let tests: Vec<(u64, u64, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["n_threads"].as_u64().unwrap(),
+                r["n_prompt"].as_u64().unwrap(),
+                r["n_gen"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(tests, vec![(1, 8, 0), (1, 0, 4), (2, 8, 0), (2, 0, 4)]);
+    let inspect = bitnetc(&["inspect", "--json", path.to_str().unwrap()]);
+    let totals: serde_json::Value = serde_json::from_str(&stdout(&inspect)).unwrap();
+    for r in records {
+        assert_eq!(r["samples_ns"].as_array().unwrap().len(), 2);
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["model_filename"], path.to_str().unwrap());
+        assert_eq!(r["model_type"], "bitnet-25 3.5M I2_S");
+        assert_eq!(r["model_size"], totals["totals"]["bytes"]);
+        assert_eq!(r["model_n_params"], totals["totals"]["parameters"]);
+    }
+    let o = bitnetc(&[
+        "bench",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "4",
+        "-n",
+        "2",
+        "-r",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = stdout(&o);
+    assert!(table.starts_with("| model "), "{table}");
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.contains(" pp4 |") || l.contains(" tg2 |"))
+            .count(),
+        2,
+        "{table}"
     );
 }
