@@ -2,6 +2,9 @@
 //! Cranelift for each shape, and the selection that binds the fastest exact one.
 
 pub mod act;
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
+pub mod blocks;
 pub mod half;
 pub mod jit;
 pub mod select;

@@ -60,6 +60,12 @@ pub fn ternary_candidates(k: usize, set: KernelSet) -> Result<Vec<TernaryKernel>
     if set == KernelSet::Best {
         #[cfg(target_arch = "x86_64")]
         {
+            if crate::amx::available() {
+                out.push(TernaryKernel::Native {
+                    name: "amx",
+                    f: crate::amx::rows_amx,
+                });
+            }
             if std::is_x86_feature_detected!("avx512vnni")
                 && std::is_x86_feature_detected!("avx512bw")
             {
@@ -105,7 +111,7 @@ pub struct TernaryChoice {
     pub timings: Vec<Timing>,
 }
 
-/// Times every candidate on 64 rows of `k` (in cache: the kernels' own speed) for 1 and 8
+/// Times every candidate on 64 rows of `k` (in cache: the kernels' own speed) for 1 and 32
 /// tokens and keeps the fastest for each.
 pub fn choose_ternary(k: usize, set: KernelSet) -> Result<TernaryChoice, JitError> {
     let candidates = ternary_candidates(k, set)?;
@@ -120,11 +126,11 @@ pub fn choose_ternary(k: usize, set: KernelSet) -> Result<TernaryChoice, JitErro
     let w: Vec<u8> = (0..rows * k / 4)
         .map(|_| (next() % 81) as u8 & 0b1010_1010)
         .collect();
-    let q: Vec<i8> = (0..k * 8).map(|_| next() as i8).collect();
-    let mut out = vec![0i32; rows * 8];
+    let q: Vec<i8> = (0..k * 32).map(|_| next() as i8).collect();
+    let mut out = vec![0i32; rows * 32];
     let mut timings = Vec::new();
     let mut best: [Option<(f64, TernaryKernel)>; 2] = [None, None];
-    for (slot, tokens) in [1usize, 8].into_iter().enumerate() {
+    for (slot, tokens) in [1usize, 32].into_iter().enumerate() {
         let args = RowsArgs {
             w: w.as_ptr(),
             row_bytes: k / 4,

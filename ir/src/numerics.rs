@@ -64,22 +64,28 @@ pub struct Q8Block {
 pub fn quantize_q8_x86(x: &[f32]) -> Vec<Q8Block> {
     x.chunks_exact(32)
         .map(|b| {
-            let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut qs = [0i8; 32];
-            let mut sum = 0i32;
-            for (q, &v) in qs.iter_mut().zip(b) {
-                *q = (v * id).round_ties_even() as i8;
-                sum += *q as i32;
-            }
-            Q8Block {
-                d: round_f16(d),
-                s: round_f16(d * sum as f32),
-                qs,
-            }
+            let mut block = Q8Block {
+                d: 0.0,
+                s: 0.0,
+                qs: [0; 32],
+            };
+            (block.d, block.s) = quantize_q8_block(b, &mut block.qs);
+            block
         })
         .collect()
+}
+
+/// One 32-element block of [`quantize_q8_x86`]: fills `qs`, returns `(d, s)`.
+pub fn quantize_q8_block(b: &[f32], qs: &mut [i8]) -> (f32, f32) {
+    let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(b) {
+        *q = (v * id).round_ties_even() as i8;
+        sum += *q as i32;
+    }
+    (round_f16(d), round_f16(d * sum as f32))
 }
 
 /// A 256-element activation block in Q8_K form (llama.cpp `quantize_row_q8_K_ref`, also used

@@ -7,6 +7,7 @@
 
 use crate::pool::{Pool, split};
 use bitnetc_codegen_cpu::act::{QuantFn, select_quant};
+use bitnetc_codegen_cpu::blocks::BlockDotFn;
 use bitnetc_codegen_cpu::half::HalfDots;
 use bitnetc_codegen_cpu::jit::JitError;
 use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary};
@@ -57,6 +58,9 @@ pub struct ExecOptions {
     pub batch: usize,
     /// Time every step for [`Executor::trace`].
     pub trace: bool,
+    /// Re-encode the output projection (the largest read of a decode step) at load time:
+    /// `q8_0` halves an F16 head's bytes at the cost of llama.cpp's Q8_0 rounding.
+    pub lm_head: Option<Encoding>,
 }
 
 impl Default for ExecOptions {
@@ -66,6 +70,7 @@ impl Default for ExecOptions {
             kernels: KernelSet::Best,
             batch: 512,
             trace: false,
+            lm_head: None,
         }
     }
 }
@@ -139,6 +144,12 @@ enum Weights {
     F16 {
         parts: Vec<(Bytes, usize)>,
         half: HalfPath,
+    },
+    /// Q8_0/Q4_0/Q4_1 rows times activations in Q8 blocks, llama.cpp's x86 order.
+    Blocks {
+        parts: Vec<(Bytes, usize)>,
+        enc: Encoding,
+        dot: BlockDotFn,
     },
     /// Any other encoding, through the interpreter's row numerics.
     Generic {
@@ -288,6 +299,9 @@ pub struct Executor {
     max_k: usize,
     max_rope: usize,
     _weights: Arc<dyn WeightSource + Send + Sync>,
+    // Boxed: weight references point at the shapes, which must not move when the Vec grows.
+    #[allow(clippy::vec_box)]
+    _owned: (Vec<Vec<u8>>, Vec<Box<[u64; 2]>>),
 }
 
 // SAFETY: the raw pointers point into the weight source, which is immutable and owned (via
@@ -365,6 +379,8 @@ pub struct State {
     q8: Vec<i8>,
     qs: Vec<f32>,
     qsum: Vec<i32>,
+    qd: Vec<f32>,
+    qsm: Vec<f32>,
     /// Per (theta bits, dims): each token's (cos, sin) pairs for this step.
     rope: Vec<RopeTable>,
     rope_valid: Vec<bool>,
@@ -395,6 +411,26 @@ impl State {
         self.len = self.len.min(n);
     }
 }
+
+/// A linear step's prepared activations, shared read-only by the workers.
+#[derive(Clone, Copy)]
+struct Prepared {
+    /// f32 rows (normalized, rounded where the path rounds).
+    x: *const f32,
+    /// int8 rows: bitnet.cpp's per-token quantization, or Q8 blocks.
+    q: *const i8,
+    /// Per token: the int8 multiplier (I2_S).
+    s: *const f32,
+    /// Per token: `Σ q` (I2_S).
+    qsum: *const i32,
+    /// Per Q8 block: scale and `d·Σq`.
+    qd: *const f32,
+    qsm: *const f32,
+}
+
+// SAFETY: the pointed-to scratch is written before the workers start and only read by them.
+unsafe impl Send for Prepared {}
+unsafe impl Sync for Prepared {}
 
 /// A pointer that may be shared by workers writing disjoint parts.
 #[derive(Clone, Copy)]
@@ -440,6 +476,10 @@ impl Executor {
             max_rope: 0,
             vocab: 0,
             half: HalfDots::select(opts.kernels == KernelSet::Baseline),
+            pool: &pool,
+            lm_head: opts.lm_head,
+            owned: Vec::new(),
+            owned_shapes: Vec::new(),
         };
         let logits_buffer = plan.steps.iter().find_map(|s| match &s.op {
             Op::Output { name } if name == "logits" => s.operands.first().copied(),
@@ -455,22 +495,36 @@ impl Executor {
             return Err(ExecError::Run("the plan has no `logits` output".into()));
         }
         let counters = (0..b.kernels.len()).map(|_| Counter::default()).collect();
+        let Builder {
+            kernels,
+            labels,
+            kv,
+            choices,
+            max_k,
+            max_rope,
+            vocab,
+            half,
+            owned,
+            owned_shapes,
+            ..
+        } = b;
         Ok(Executor {
-            kernels: b.kernels,
-            labels: b.labels,
+            kernels,
+            labels,
             counters,
             trace: opts.trace,
             pool,
             per_token,
             batch: opts.batch.max(1),
-            kv: b.kv,
-            vocab: b.vocab,
-            choices: b.choices,
-            half: b.half,
+            kv,
+            vocab,
+            choices,
+            half,
             quant: select_quant(opts.kernels == KernelSet::Baseline),
-            max_k: b.max_k,
-            max_rope: b.max_rope,
+            max_k,
+            max_rope,
             _weights: weights,
+            _owned: (owned, owned_shapes),
         })
     }
 
@@ -491,6 +545,13 @@ impl Executor {
     /// Logits per row.
     pub fn vocab(&self) -> usize {
         self.vocab
+    }
+
+    fn block_bytes(&self, w: &Weights) -> usize {
+        match w {
+            Weights::Blocks { enc, .. } => enc.block_bytes(),
+            _ => 0,
+        }
     }
 
     /// The f16 dot variant bound.
@@ -519,6 +580,8 @@ impl Executor {
             q8: vec![0; t * self.max_k],
             qs: vec![0.0; t],
             qsum: vec![0; t],
+            qd: vec![0.0; t * self.max_k / 32],
+            qsm: vec![0.0; t * self.max_k / 32],
             rope: Vec::new(),
             rope_valid: Vec::new(),
             locals: (0..self.threads())
@@ -905,6 +968,7 @@ impl Executor {
             LinearInput::F32 { x, norm } => {
                 let src = Shared(unsafe { (base.add(t * x.off) as *mut f32).add(first * k) });
                 let ternary = matches!(l.weights, Weights::Ternary { .. });
+                let blocks = matches!(l.weights, Weights::Blocks { .. });
                 let path = match &l.weights {
                     Weights::F16 { half, .. } => half.path(tn),
                     _ => DotPath::F32,
@@ -919,6 +983,8 @@ impl Executor {
                 let needs_copy = norm.is_some() || round;
                 let xn = Shared(st.xn.as_mut_ptr());
                 let q8 = Shared(st.q8.as_mut_ptr());
+                let qd = Shared(st.qd.as_mut_ptr());
+                let qsm = Shared(st.qsm.as_mut_ptr());
                 let qs = Shared(st.qs.as_mut_ptr());
                 let qsum = Shared(st.qsum.as_mut_ptr());
                 let prologue = |i: usize| unsafe {
@@ -926,7 +992,7 @@ impl Executor {
                     let dst = std::slice::from_raw_parts_mut(xn.get().add(i * k), k);
                     match norm {
                         Some((gain, eps)) => numerics::rms_norm(xr, gain, *eps, dst),
-                        None if needs_copy || ternary => dst.copy_from_slice(xr),
+                        None if needs_copy || ternary || blocks => dst.copy_from_slice(xr),
                         None => {}
                     }
                     if ternary {
@@ -934,6 +1000,15 @@ impl Executor {
                         let (s, sum) = (self.quant.1)(dst, qr);
                         *qs.get().add(i) = s;
                         *qsum.get().add(i) = sum;
+                    } else if blocks {
+                        let nb = k / 32;
+                        for b in 0..nb {
+                            let qr =
+                                std::slice::from_raw_parts_mut(q8.get().add(i * k + 32 * b), 32);
+                            let (d, s) = numerics::quantize_q8_block(&dst[32 * b..32 * b + 32], qr);
+                            *qd.get().add(i * nb + b) = d;
+                            *qsm.get().add(i * nb + b) = s;
+                        }
                     } else if round {
                         for v in dst.iter_mut() {
                             *v = numerics::round_f16(*v);
@@ -951,7 +1026,7 @@ impl Executor {
                         prologue(i);
                     }
                 }
-                let x_ptr = if norm.is_some() || ternary || needs_copy {
+                let x_ptr = if norm.is_some() || ternary || blocks || needs_copy {
                     st.xn.as_ptr()
                 } else {
                     src.get()
@@ -992,8 +1067,14 @@ impl Executor {
                 _ => Vec::new(),
             };
         let failure: Mutex<Option<String>> = Mutex::new(None);
-        let (xq, sq) = (Shared(q_ptr as *mut i8), Shared(s_ptr as *mut f32));
-        let xf = Shared(x_ptr as *mut f32);
+        let prepared = Prepared {
+            x: x_ptr,
+            q: q_ptr,
+            s: s_ptr,
+            qsum: qsum.get(),
+            qd: st.qd.as_ptr(),
+            qsm: st.qsm.as_ptr(),
+        };
         let half_rows = if l.glu.is_some() { l.n / 2 } else { l.n };
         let locals = &st.locals;
         let job = |w: usize, nw: usize| {
@@ -1004,20 +1085,7 @@ impl Executor {
             while r < range.end {
                 let c = (range.end - r).min(CHUNK);
                 let mut produce = |row0: usize, into: &mut [f32]| -> Result<(), String> {
-                    self.rows_f32(
-                        l,
-                        row0,
-                        c,
-                        tn,
-                        k,
-                        xq.get(),
-                        sq.get(),
-                        qsum.get(),
-                        xf.get(),
-                        &generic_acts,
-                        sums,
-                        into,
-                    )
+                    self.rows_f32(l, row0, c, tn, k, prepared, &generic_acts, sums, into)
                 };
                 if let Err(e) = produce(r, y) {
                     *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
@@ -1066,10 +1134,7 @@ impl Executor {
         c: usize,
         tn: usize,
         k: usize,
-        q: *const i8,
-        s: *const f32,
-        qsum: *const i32,
-        x: *const f32,
+        p: Prepared,
         generic_acts: &[MatmulActs<'_>],
         sums: &mut [i32],
         into: &mut [f32],
@@ -1084,7 +1149,7 @@ impl Executor {
                         w: unsafe { bytes.ptr.add(local * k / 4) },
                         row_bytes: k / 4,
                         rows: n,
-                        q,
+                        q: p.q,
                         k,
                         tokens: tn,
                         q_stride: k,
@@ -1096,11 +1161,34 @@ impl Executor {
                     unsafe { kernel.run(&args) };
                     let beta = parts[pi].2;
                     for i in 0..tn {
-                        let (qs, qsum) = unsafe { (*s.add(i), *qsum.add(i)) };
+                        let (qs, qsum) = unsafe { (*p.s.add(i), *p.qsum.add(i)) };
                         for j in col..col + n {
                             into[i * c + j] =
                                 numerics::i2s_epilogue(sums[i * c + j] - qsum, qs, beta);
                         }
+                    }
+                });
+            }
+            Weights::Blocks { parts, dot, .. } => {
+                let bb = l.k / 32 * self.block_bytes(&l.weights);
+                let blocks = k / 32;
+                for_parts(parts.iter().map(|p| p.1), row0, c, |pi, local, n, col| {
+                    let w = unsafe { parts[pi].0.ptr.add(local * bb) };
+                    for i in 0..tn {
+                        // SAFETY: the part holds `local + n` rows of `blocks` blocks; the
+                        // activations hold tn rows; `into` holds tn rows of c.
+                        unsafe {
+                            dot(
+                                w,
+                                bb,
+                                n,
+                                blocks,
+                                p.q.add(i * k),
+                                p.qd.add(i * blocks),
+                                p.qsm.add(i * blocks),
+                                into.as_mut_ptr().add(i * c + col),
+                            )
+                        };
                     }
                 });
             }
@@ -1115,7 +1203,7 @@ impl Executor {
                         let wr = unsafe { w.add((local + j) * k) };
                         for i in 0..tn {
                             // SAFETY: rows of k f16 values; x holds tn rows of k.
-                            into[i * c + col + j] = unsafe { dot(x.add(i * k), wr, k) };
+                            into[i * c + col + j] = unsafe { dot(p.x.add(i * k), wr, k) };
                         }
                     }
                 });
@@ -1447,6 +1535,12 @@ struct Builder<'p> {
     max_rope: usize,
     vocab: usize,
     half: HalfDots,
+    pool: &'p Pool,
+    lm_head: Option<Encoding>,
+    /// Weights the executor made itself (a requantized head), kept alive with it.
+    owned: Vec<Vec<u8>>,
+    #[allow(clippy::vec_box)]
+    owned_shapes: Vec<Box<[u64; 2]>>,
 }
 
 impl<'p> Builder<'p> {
@@ -1547,6 +1641,103 @@ impl<'p> Builder<'p> {
             })
     }
 
+    /// The head's weights re-encoded (`--lm-head`), row by row on the pool.
+    fn requantize(
+        &mut self,
+        parts: &[(String, WeightRef<'p>)],
+        target: Encoding,
+    ) -> Result<Vec<(String, WeightRef<'p>)>, ExecError> {
+        if !matches!(target, Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1) {
+            return Err(ExecError::Run(format!(
+                "--lm-head {target} is not supported (q8_0, q4_0 or q4_1)"
+            )));
+        }
+        let mut out = Vec::new();
+        for (name, w) in parts {
+            if w.encoding == target {
+                out.push((name.clone(), WeightRef { ..*w }));
+                continue;
+            }
+            let (rows, k) = (w.shape[0] as usize, w.shape[1] as usize);
+            if !k.is_multiple_of(32) {
+                return Err(ExecError::Weight {
+                    name: name.clone(),
+                    message: format!("rows of {k} cannot be re-encoded in 32-element blocks"),
+                });
+            }
+            let row_in = w
+                .encoding
+                .byte_size(k as u64)
+                .map_err(|e| ExecError::Weight {
+                    name: name.clone(),
+                    message: e.to_string(),
+                })? as usize;
+            let row_out = k / 32 * target.block_bytes();
+            if w.bytes.len() != rows * row_in {
+                return Err(ExecError::Weight {
+                    name: name.clone(),
+                    message: format!("has {} bytes, expected {}", w.bytes.len(), rows * row_in),
+                });
+            }
+            let mut bytes = vec![0u8; rows * row_out];
+            let dst = Shared(bytes.as_mut_ptr());
+            let failure: Mutex<Option<String>> = Mutex::new(None);
+            let (src, enc) = (Bytes::of(w.bytes), w.encoding);
+            self.pool.run(&|wi, nw| {
+                let mut row = vec![0.0f32; k];
+                for r in split(rows, wi, nw, 1) {
+                    let res = enc
+                        .decode_range(
+                            &src.get()[r * row_in..(r + 1) * row_in],
+                            k as u64,
+                            0,
+                            &mut row,
+                        )
+                        .and_then(|_| target.encode(&row));
+                    match res {
+                        // SAFETY: each worker writes its own rows.
+                        Ok(b) => unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                b.as_ptr(),
+                                dst.get().add(r * row_out),
+                                row_out,
+                            )
+                        },
+                        Err(e) => {
+                            *failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(e.to_string());
+                            return;
+                        }
+                    }
+                }
+            });
+            if let Some(m) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                return Err(ExecError::Weight {
+                    name: name.clone(),
+                    message: m,
+                });
+            }
+            self.owned.push(bytes);
+            let owned = self.owned.last().expect("just pushed");
+            // SAFETY: the buffer lives in `owned`, moved into the executor and never changed.
+            let bytes: &'p [u8] =
+                unsafe { std::slice::from_raw_parts(owned.as_ptr(), owned.len()) };
+            self.owned_shapes.push(Box::new([rows as u64, k as u64]));
+            let shape = self.owned_shapes.last().expect("just pushed");
+            // SAFETY: as above; a boxed array does not move.
+            let shape: &'p [u64] = unsafe { std::slice::from_raw_parts(shape.as_ptr(), 2) };
+            out.push((
+                name.clone(),
+                WeightRef {
+                    encoding: target,
+                    shape,
+                    bytes,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     fn choice(&mut self, k: usize) -> Result<usize, ExecError> {
         if let Some(i) = self.choices.iter().position(|c| c.k == k) {
             return Ok(i);
@@ -1561,8 +1752,12 @@ impl<'p> Builder<'p> {
         op: &Op,
         b: BufferId,
         half: HalfPath,
+        head: bool,
     ) -> Result<(Weights, usize, usize, String), ExecError> {
-        let parts = self.weights(i, op, b)?;
+        let mut parts = self.weights(i, op, b)?;
+        if head && let Some(target) = self.lm_head {
+            parts = self.requantize(&parts, target)?;
+        }
         let enc = parts[0].1.encoding;
         if let Some((name, w)) = parts.iter().find(|(_, w)| w.encoding != enc) {
             return Err(ExecError::Weight {
@@ -1637,6 +1832,34 @@ impl<'p> Builder<'p> {
                 (
                     Weights::F16 { parts: ps, half },
                     format!("f16 {} [{}]", half.name(), self.half.variant),
+                )
+            }
+            Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1 => {
+                let portable = self.set == KernelSet::Baseline;
+                let (variant, dot) =
+                    bitnetc_codegen_cpu::blocks::select(enc, portable).expect("a block encoding");
+                let mut ps = Vec::new();
+                for (name, w) in &parts {
+                    let rows = w.shape[0] as usize;
+                    let expect = rows * k / 32 * enc.block_bytes();
+                    if !k.is_multiple_of(32) || w.bytes.len() != expect {
+                        return Err(ExecError::Weight {
+                            name: name.clone(),
+                            message: format!(
+                                "has {} bytes for {rows} rows of {k}, expected {expect}",
+                                w.bytes.len()
+                            ),
+                        });
+                    }
+                    ps.push((Bytes::of(w.bytes), rows));
+                }
+                (
+                    Weights::Blocks {
+                        parts: ps,
+                        enc,
+                        dot,
+                    },
+                    format!("{enc} [{variant}]"),
                 )
             }
             other => {
@@ -1788,7 +2011,7 @@ impl<'p> Builder<'p> {
                     }
                     _ => unreachable!(),
                 };
-                let (weights, k, n, variant) = self.linear_weights(i, op, wb, half)?;
+                let (weights, k, n, variant) = self.linear_weights(i, op, wb, half, head)?;
                 if matches!(input, LinearInput::Quantized { .. })
                     && !matches!(weights, Weights::Ternary { .. })
                 {

@@ -50,6 +50,9 @@ pub struct BenchArgs {
     /// Print the kernel trace of each configuration to stderr
     #[arg(long)]
     pub trace_kernels: bool,
+    /// Re-encode the output projection at load time
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub lm_head: Option<super::LmHead>,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -143,6 +146,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 kernels: a.kernels,
                 interp: false,
                 trace_kernels: a.trace_kernels,
+                lm_head: a.lm_head,
             };
             let model = super::load(path, a.kv_cache, Some(context), None, &exec)?;
             let desc = bitnetc::gguf::describe::describe(&model.file, false);

@@ -409,6 +409,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
             kernels: super::KernelChoice::Best,
             interp: true,
             trace_kernels: false,
+            lm_head: None,
         },
     )?;
     let tokenizer = model.tokenizer()?;

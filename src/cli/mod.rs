@@ -26,6 +26,16 @@ pub struct ExecArgs {
     /// Print each kernel's variant, calls and time to stderr at the end
     #[arg(long)]
     pub trace_kernels: bool,
+    /// Re-encode the output projection at load time (halves an F16 head's reads per token;
+    /// changes the logits by llama.cpp's Q8_0 rounding)
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub lm_head: Option<LmHead>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LmHead {
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -53,6 +63,9 @@ impl ExecArgs {
                 },
                 batch: self.batch_size,
                 trace: self.trace_kernels,
+                lm_head: self
+                    .lm_head
+                    .map(|LmHead::Q8_0| bitnetc::ir::encoding::Encoding::Q8_0),
             },
         ))
     }

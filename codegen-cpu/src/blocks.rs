@@ -1,0 +1,460 @@
+//! llama.cpp's 32-element block formats (Q8_0, Q4_0, Q4_1) times activations quantized to
+//! Q8 blocks, in the order of ggml's x86 kernels: eight f32 lanes, lane `l` taking the exact
+//! integer sum of elements `4l..4l+3` of each block through one fused multiply-add with the
+//! block's scale product, then `hsum_float_8` (`numerics::Lanes8`); Q4_1 adds `m·s` per block
+//! in a separate f32 sum.
+
+// Kernels take their operands as raw pointers and sizes, one argument each.
+#![allow(clippy::too_many_arguments)]
+
+use bitnetc_ir::encoding::Encoding;
+use bitnetc_ir::numerics::Lanes8;
+use half::f16;
+
+/// Rows `0..rows` (`row_bytes` apart) dotted with one token's quantized activations into
+/// `out[0..rows]`: `xq` the int8 values, `xd` each block's scale (f16-rounded), `xs` each
+/// block's `d·Σq` (Q8_1, for Q4_1).
+///
+/// # Safety
+/// `w` holds `rows` rows of `blocks` blocks of the encoding, `xq` `32·blocks` values, `xd`
+/// and `xs` `blocks` each, `out` `rows` floats; the CPU has the variant's features.
+pub type BlockDotFn = unsafe fn(
+    w: *const u8,
+    row_bytes: usize,
+    rows: usize,
+    blocks: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+    out: *mut f32,
+);
+
+fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: callers pass pointers to the two bytes of a block's scale.
+    unsafe { f16::from_le_bytes([*p, *p.add(1)]).to_f32() }
+}
+
+/// The weight codes of one block as signed (Q8_0, Q4_0) or unsigned (Q4_1) integers.
+fn block_codes(enc: Encoding, b: *const u8, q: &mut [i32; 32]) {
+    // SAFETY: `b` points at a whole block of `enc`.
+    unsafe {
+        match enc {
+            Encoding::Q8_0 => {
+                for (i, q) in q.iter_mut().enumerate() {
+                    *q = *b.add(2 + i) as i8 as i32;
+                }
+            }
+            Encoding::Q4_0 => {
+                for j in 0..16 {
+                    q[j] = (*b.add(2 + j) & 0x0f) as i32 - 8;
+                    q[j + 16] = (*b.add(2 + j) >> 4) as i32 - 8;
+                }
+            }
+            _ => {
+                for j in 0..16 {
+                    q[j] = (*b.add(4 + j) & 0x0f) as i32;
+                    q[j + 16] = (*b.add(4 + j) >> 4) as i32;
+                }
+            }
+        }
+    }
+}
+
+unsafe fn dot_scalar(
+    enc: Encoding,
+    w: *const u8,
+    blocks: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+) -> f32 {
+    let bb = enc.block_bytes();
+    let mut lanes = Lanes8::default();
+    let mut summs = 0.0f32;
+    let mut q = [0i32; 32];
+    for b in 0..blocks {
+        // SAFETY: per the contract of BlockDotFn.
+        unsafe {
+            let wb = w.add(b * bb);
+            let x: &[i8; 32] = &*(xq.add(32 * b) as *const [i8; 32]);
+            block_codes(enc, wb, &mut q);
+            if enc == Encoding::Q4_1 {
+                summs += f16_at(wb.add(2)) * *xs.add(b);
+            }
+            lanes.add_block(f16_at(wb) * *xd.add(b), &q, x);
+        }
+    }
+    lanes.sum() + summs
+}
+
+unsafe fn rows_scalar(
+    enc: Encoding,
+    w: *const u8,
+    row_bytes: usize,
+    rows: usize,
+    blocks: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+    out: *mut f32,
+) {
+    for r in 0..rows {
+        // SAFETY: per the contract of BlockDotFn.
+        unsafe { *out.add(r) = dot_scalar(enc, w.add(r * row_bytes), blocks, xq, xd, xs) };
+    }
+}
+
+/// Portable Q8_0.
+///
+/// # Safety
+/// See [`BlockDotFn`].
+pub unsafe fn q8_0_scalar(
+    w: *const u8,
+    row_bytes: usize,
+    rows: usize,
+    blocks: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+    out: *mut f32,
+) {
+    unsafe { rows_scalar(Encoding::Q8_0, w, row_bytes, rows, blocks, xq, xd, xs, out) }
+}
+
+/// Portable Q4_0.
+///
+/// # Safety
+/// See [`BlockDotFn`].
+pub unsafe fn q4_0_scalar(
+    w: *const u8,
+    row_bytes: usize,
+    rows: usize,
+    blocks: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+    out: *mut f32,
+) {
+    unsafe { rows_scalar(Encoding::Q4_0, w, row_bytes, rows, blocks, xq, xd, xs, out) }
+}
+
+/// Portable Q4_1.
+///
+/// # Safety
+/// See [`BlockDotFn`].
+pub unsafe fn q4_1_scalar(
+    w: *const u8,
+    row_bytes: usize,
+    rows: usize,
+    blocks: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+    out: *mut f32,
+) {
+    unsafe { rows_scalar(Encoding::Q4_1, w, row_bytes, rows, blocks, xq, xd, xs, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `f16 scale × activation scale` of blocks `b..b+8` (fewer at the end), converted eight
+    /// at a time: a scalar conversion per block would tie each block to the previous one
+    /// through the register the compiler merges it into.
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales(
+        w: *const u8,
+        block_bytes: usize,
+        at: usize,
+        b: usize,
+        blocks: usize,
+        xd: *const f32,
+        out: &mut [f32; 8],
+    ) {
+        let n = (blocks - b).min(8);
+        let mut bits = [0u16; 8];
+        for (j, bits) in bits.iter_mut().enumerate().take(n) {
+            // SAFETY: block b + j exists.
+            *bits = unsafe {
+                std::ptr::read_unaligned(w.add((b + j) * block_bytes + at) as *const u16)
+            };
+        }
+        let mut act = [0.0f32; 8];
+        // SAFETY: xd holds `blocks` scales.
+        unsafe { std::ptr::copy_nonoverlapping(xd.add(b), act.as_mut_ptr(), n) };
+        unsafe {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
+            _mm256_storeu_ps(
+                out.as_mut_ptr(),
+                _mm256_mul_ps(d, _mm256_loadu_ps(act.as_ptr())),
+            );
+        }
+    }
+
+    /// `hsum_float_8` of eight lanes.
+    #[target_feature(enable = "avx2")]
+    fn hsum8(v: __m256) -> f32 {
+        let mut a = [0.0f32; 8];
+        // SAFETY: `a` holds eight floats.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+        let lo = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+        (lo[0] + lo[2]) + (lo[1] + lo[3])
+    }
+
+    /// Signed weights × signed activations per lane of four, exactly: `|w|` (unsigned, 128
+    /// for −128) times the activations with `w`'s sign (never −128: Q8 activations are
+    /// within ±127).
+    #[target_feature(enable = "avx2,avx512vl,avx512vnni")]
+    fn signed_lanes(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(
+            _mm256_setzero_si256(),
+            _mm256_sign_epi8(w, w),
+            _mm256_sign_epi8(x, w),
+        )
+    }
+
+    /// `R` rows at once (independent chains: each row's sum is one serial chain of fused
+    /// multiply-adds, as in ggml); encoding `E`: 0 Q8_0, 1 Q4_0, 2 Q4_1.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+    unsafe fn rows_x<const E: u8, const R: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        let bb = [34, 18, 20][E as usize];
+        unsafe {
+            let low = _mm256_set1_epi8(0x0f);
+            let eight = _mm256_set1_epi8(8);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut summs = [0.0f32; R];
+            let mut ds = [[0.0f32; 8]; R];
+            let mut ms = [[0.0f32; 8]; R];
+            for b in 0..blocks {
+                if b % 8 == 0 {
+                    for r in 0..R {
+                        scales(w.add(r * row_bytes), bb, 0, b, blocks, xd, &mut ds[r]);
+                        if E == 2 {
+                            scales(w.add(r * row_bytes), bb, 2, b, blocks, xs, &mut ms[r]);
+                        }
+                    }
+                }
+                let x = _mm256_loadu_si256(xq.add(32 * b) as *const __m256i);
+                for r in 0..R {
+                    let wb = w.add(r * row_bytes + bb * b);
+                    // Rows stream from memory once per token: prefetch well ahead.
+                    _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(8192) as *const i8);
+                    let lanes = match E {
+                        0 => signed_lanes(_mm256_loadu_si256(wb.add(2) as *const __m256i), x),
+                        1 => {
+                            let packed = _mm_loadu_si128(wb.add(2) as *const __m128i);
+                            let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
+                            signed_lanes(_mm256_sub_epi8(_mm256_and_si256(both, low), eight), x)
+                        }
+                        _ => {
+                            summs[r] += ms[r][b % 8];
+                            let packed = _mm_loadu_si128(wb.add(4) as *const __m128i);
+                            let q = _mm256_and_si256(
+                                _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+                                low,
+                            );
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)
+                        }
+                    };
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(ds[r][b % 8]),
+                        _mm256_cvtepi32_ps(lanes),
+                        acc[r],
+                    );
+                }
+            }
+            for r in 0..R {
+                // The reference adds the (zero for Q8_0/Q4_0) `m·s` sum too.
+                *out.add(r) = hsum8(acc[r]) + summs[r];
+            }
+        }
+    }
+
+    /// Four rows at a time, then one.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+    unsafe fn rows_vnni<const E: u8>(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        let mut r = 0;
+        unsafe {
+            while r + 4 <= rows {
+                rows_x::<E, 4>(
+                    w.add(r * row_bytes),
+                    row_bytes,
+                    blocks,
+                    xq,
+                    xd,
+                    xs,
+                    out.add(r),
+                );
+                r += 4;
+            }
+            while r < rows {
+                rows_x::<E, 1>(
+                    w.add(r * row_bytes),
+                    row_bytes,
+                    blocks,
+                    xq,
+                    xd,
+                    xs,
+                    out.add(r),
+                );
+                r += 1;
+            }
+        }
+    }
+
+    /// Q8_0 with AVX-512 VL VNNI on 256-bit registers.
+    ///
+    /// # Safety
+    /// See [`BlockDotFn`]; the CPU must have AVX2, FMA, F16C, AVX-512 VL and VNNI.
+    pub unsafe fn q8_0_vnni(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        unsafe { rows_vnni::<0>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
+    }
+
+    /// Q4_0: nibbles minus 8, then as Q8_0.
+    ///
+    /// # Safety
+    /// See [`q8_0_vnni`].
+    pub unsafe fn q4_0_vnni(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        unsafe { rows_vnni::<1>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
+    }
+
+    /// Q4_1: unsigned nibbles times the activations, plus `m·s` per block.
+    ///
+    /// # Safety
+    /// See [`q8_0_vnni`].
+    pub unsafe fn q4_1_vnni(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        unsafe { rows_vnni::<2>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
+    }
+}
+
+/// The block-dot variant for `enc` (Q8_0, Q4_0 or Q4_1) on this host, or `None` for other
+/// encodings; `portable` forces the scalar one.
+pub fn select(enc: Encoding, portable: bool) -> Option<(&'static str, BlockDotFn)> {
+    #[cfg(target_arch = "x86_64")]
+    if !portable
+        && std::is_x86_feature_detected!("avx512vnni")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        return match enc {
+            Encoding::Q8_0 => Some(("avx512-vnni", x86::q8_0_vnni as BlockDotFn)),
+            Encoding::Q4_0 => Some(("avx512-vnni", x86::q4_0_vnni)),
+            Encoding::Q4_1 => Some(("avx512-vnni", x86::q4_1_vnni)),
+            _ => None,
+        };
+    }
+    let _ = portable;
+    match enc {
+        Encoding::Q8_0 => Some(("scalar", q8_0_scalar as BlockDotFn)),
+        Encoding::Q4_0 => Some(("scalar", q4_0_scalar)),
+        Encoding::Q4_1 => Some(("scalar", q4_1_scalar)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitnetc_ir::interp::{MatmulActs, WeightRef, matmul_rows};
+    use bitnetc_ir::numerics::quantize_q8_x86;
+    use bitnetc_ir::types::DotPath;
+
+    #[test]
+    fn every_variant_equals_the_interpreter() {
+        let (rows, k) = (5usize, 256usize);
+        let mut s = 21u64;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let values: Vec<f32> = (0..rows * k).map(|_| next() * 3.0).collect();
+        let x: Vec<f32> = (0..k).map(|_| next()).collect();
+        for enc in [Encoding::Q8_0, Encoding::Q4_0, Encoding::Q4_1] {
+            let mut bytes = enc.encode(&values).unwrap();
+            if enc == Encoding::Q8_0 {
+                bytes[2] = 0x80; // −128: |w| is 128 as an unsigned byte
+            }
+            let shape = [rows as u64, k as u64];
+            let w = WeightRef {
+                encoding: enc,
+                shape: &shape,
+                bytes: &bytes,
+            };
+            let acts = MatmulActs::new(&x, &w).unwrap();
+            let mut want = vec![0.0f32; rows];
+            matmul_rows(&acts, &w, DotPath::F32, 0..rows, |_, r, v| want[r] = v).unwrap();
+            let blocks = quantize_q8_x86(&x);
+            let xq: Vec<i8> = blocks.iter().flat_map(|b| b.qs).collect();
+            let xd: Vec<f32> = blocks.iter().map(|b| b.d).collect();
+            let xs: Vec<f32> = blocks.iter().map(|b| b.s).collect();
+            for portable in [true, false] {
+                let (name, f) = select(enc, portable).unwrap();
+                let row_bytes = k / 32 * enc.block_bytes();
+                let mut got = vec![0.0f32; rows];
+                unsafe {
+                    f(
+                        bytes.as_ptr(),
+                        row_bytes,
+                        rows,
+                        k / 32,
+                        xq.as_ptr(),
+                        xd.as_ptr(),
+                        xs.as_ptr(),
+                        got.as_mut_ptr(),
+                    )
+                };
+                for r in 0..rows {
+                    assert_eq!(got[r].to_bits(), want[r].to_bits(), "{enc} {name} row {r}");
+                }
+            }
+        }
+    }
+}
