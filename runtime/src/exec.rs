@@ -543,6 +543,32 @@ impl Executor {
     }
 
     /// Logits per row.
+    /// Weight bytes a one-token step reads: every linear step's weights (an output
+    /// projection that runs for the last token only included).
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        self.kernels
+            .iter()
+            .map(|k| match k {
+                Kernel::Linear(l) => match &l.weights {
+                    Weights::Ternary { parts, .. } => {
+                        parts.iter().map(|p| (p.1 * l.k / 4) as u64).sum()
+                    }
+                    Weights::F16 { parts, .. } => {
+                        parts.iter().map(|p| (p.1 * l.k * 2) as u64).sum()
+                    }
+                    Weights::Blocks { parts, enc, .. } => parts
+                        .iter()
+                        .map(|p| (p.1 * l.k / 32 * enc.block_bytes()) as u64)
+                        .sum(),
+                    Weights::Generic { parts, .. } => {
+                        parts.iter().map(|p| p.bytes.len as u64).sum()
+                    }
+                },
+                _ => 0,
+            })
+            .sum()
+    }
+
     pub fn vocab(&self) -> usize {
         self.vocab
     }
@@ -1803,7 +1829,11 @@ impl<'p> Builder<'p> {
                 let choice = self.choice(k)?;
                 (
                     Weights::Ternary { parts: ps, choice },
-                    format!("i2_s [{}]", self.choices[choice].gemv.name()),
+                    format!(
+                        "i2_s [1 token {}, more {}]",
+                        self.choices[choice].gemv.name(),
+                        self.choices[choice].gemm.name()
+                    ),
                 )
             }
             // (An f32 path sums in f64: the reference numerics below.)
