@@ -100,10 +100,13 @@ pub unsafe fn rows_amx(a: &RowsArgs) {
                 }
                 let mut t = 0;
                 while t < a.tokens {
-                    let n = (a.tokens - t).min(16);
+                    // 32 tokens (two A tiles) while they last: each B tile loaded from L2 then
+                    // serves two products, as each A tile does with two row tiles.
+                    let tpair = a.tokens - t >= 32;
+                    let n = if tpair { 32 } else { (a.tokens - t).min(16) };
                     // A tile of fewer than 16 tokens reads a zero-padded copy and stores to a
                     // scratch tile; the padding rows are never written out.
-                    let (q, qstride) = if n == 16 {
+                    let (q, qstride) = if n >= 16 {
                         (a.q.add(t * a.q_stride), a.q_stride)
                     } else {
                         for i in 0..16 {
@@ -116,41 +119,65 @@ pub unsafe fn rows_amx(a: &RowsArgs) {
                         }
                         (qpad.as_ptr(), a.k)
                     };
-                    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
                     let w0 = wbuf.as_ptr();
                     let w1 = wbuf.as_ptr().add(chunks * 1024);
+                    let q1 = q.add(16 * qstride);
                     for c in 0..chunks {
-                        let qa = q.add(c * 64);
-                        if pair {
-                            asm!(
-                                "tileloadd tmm4, [{q} + {qs}*1]",
+                        let (qa, qb) = (q.add(c * 64), q1.add(c * 64));
+                        let (b0, b1) = (w0.add(c * 1024), w1.add(c * 1024));
+                        match (tpair, pair) {
+                            (true, true) => asm!(
+                                "tileloadd tmm4, [{qa} + {qs}*1]",
+                                "tileloadd tmm5, [{qb} + {qs}*1]",
                                 "tileloadd tmm6, [{b0} + {s64}*1]",
                                 "tileloadd tmm7, [{b1} + {s64}*1]",
                                 "tdpbsud tmm0, tmm4, tmm6",
                                 "tdpbsud tmm1, tmm4, tmm7",
-                                q = in(reg) qa, qs = in(reg) qstride, b0 = in(reg) w0.add(c * 1024),
-                                b1 = in(reg) w1.add(c * 1024), s64 = in(reg) 64usize, options(nostack, readonly)
-                            );
-                        } else {
-                            asm!(
-                                "tileloadd tmm4, [{q} + {qs}*1]",
+                                "tdpbsud tmm2, tmm5, tmm6",
+                                "tdpbsud tmm3, tmm5, tmm7",
+                                qa = in(reg) qa, qb = in(reg) qb, qs = in(reg) qstride, b0 = in(reg) b0,
+                                b1 = in(reg) b1, s64 = in(reg) 64usize, options(nostack, readonly)
+                            ),
+                            (true, false) => asm!(
+                                "tileloadd tmm4, [{qa} + {qs}*1]",
+                                "tileloadd tmm5, [{qb} + {qs}*1]",
                                 "tileloadd tmm6, [{b0} + {s64}*1]",
                                 "tdpbsud tmm0, tmm4, tmm6",
-                                q = in(reg) qa, qs = in(reg) qstride, b0 = in(reg) w0.add(c * 1024),
+                                "tdpbsud tmm2, tmm5, tmm6",
+                                qa = in(reg) qa, qb = in(reg) qb, qs = in(reg) qstride, b0 = in(reg) b0,
                                 s64 = in(reg) 64usize, options(nostack, readonly)
-                            );
+                            ),
+                            (false, true) => asm!(
+                                "tileloadd tmm4, [{qa} + {qs}*1]",
+                                "tileloadd tmm6, [{b0} + {s64}*1]",
+                                "tileloadd tmm7, [{b1} + {s64}*1]",
+                                "tdpbsud tmm0, tmm4, tmm6",
+                                "tdpbsud tmm1, tmm4, tmm7",
+                                qa = in(reg) qa, qs = in(reg) qstride, b0 = in(reg) b0,
+                                b1 = in(reg) b1, s64 = in(reg) 64usize, options(nostack, readonly)
+                            ),
+                            (false, false) => asm!(
+                                "tileloadd tmm4, [{qa} + {qs}*1]",
+                                "tileloadd tmm6, [{b0} + {s64}*1]",
+                                "tdpbsud tmm0, tmm4, tmm6",
+                                qa = in(reg) qa, qs = in(reg) qstride, b0 = in(reg) b0,
+                                s64 = in(reg) 64usize, options(nostack, readonly)
+                            ),
                         }
                     }
-                    let groups = if pair { 2 } else { 1 };
-                    for gi in 0..groups {
-                        let dst_rows = r + 16 * gi;
-                        if n == 16 {
-                            let dst = a.out.add(t * a.out_stride + dst_rows);
-                            store_tile(gi, dst, a.out_stride * 4);
+                    // C tile (token half, row half): tmm0 (0,0), tmm1 (0,1), tmm2 (1,0), tmm3 (1,1).
+                    for (tile, th, rh) in [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)] {
+                        if (rh == 1 && !pair) || (th == 1 && !tpair) {
+                            continue;
+                        }
+                        let (t0, r0) = (t + 16 * th, r + 16 * rh);
+                        if n >= 16 {
+                            store_tile(tile, a.out.add(t0 * a.out_stride + r0), a.out_stride * 4);
                         } else {
-                            store_tile(gi, cbuf.as_mut_ptr(), 64);
+                            store_tile(tile, cbuf.as_mut_ptr(), 64);
                             for i in 0..n {
-                                std::ptr::copy_nonoverlapping(cbuf.as_ptr().add(16 * i), a.out.add((t + i) * a.out_stride + dst_rows), 16);
+                                std::ptr::copy_nonoverlapping(cbuf.as_ptr().add(16 * i), a.out.add((t0 + i) * a.out_stride + r0), 16);
                             }
                         }
                     }
@@ -163,14 +190,23 @@ pub unsafe fn rows_amx(a: &RowsArgs) {
     });
 }
 
-/// Stores tile `tmm0` or `tmm1` to `dst` with `stride` bytes between its rows.
+/// Stores accumulator tile `tmm0`..`tmm3` to `dst` with `stride` bytes between its rows.
 #[cfg(target_arch = "x86_64")]
 unsafe fn store_tile(which: usize, dst: *mut i32, stride: usize) {
     unsafe {
-        if which == 0 {
-            asm!("tilestored [{d} + {s}*1], tmm0", d = in(reg) dst, s = in(reg) stride, options(nostack));
-        } else {
-            asm!("tilestored [{d} + {s}*1], tmm1", d = in(reg) dst, s = in(reg) stride, options(nostack));
+        match which {
+            0 => {
+                asm!("tilestored [{d} + {s}*1], tmm0", d = in(reg) dst, s = in(reg) stride, options(nostack))
+            }
+            1 => {
+                asm!("tilestored [{d} + {s}*1], tmm1", d = in(reg) dst, s = in(reg) stride, options(nostack))
+            }
+            2 => {
+                asm!("tilestored [{d} + {s}*1], tmm2", d = in(reg) dst, s = in(reg) stride, options(nostack))
+            }
+            _ => {
+                asm!("tilestored [{d} + {s}*1], tmm3", d = in(reg) dst, s = in(reg) stride, options(nostack))
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ pub fn nearest_int(x: f32) -> i32 {
 
 /// ggml RMSNorm of one row, times a gain: the sum of `(f32)(x·x)` in f64, `mean` rounded to
 /// f32, `scale = 1/sqrtf(mean + eps)`, `y = (x·scale)·w`.
+#[inline]
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
     let mean = (sum / x.len() as f64) as f32;
@@ -192,6 +193,7 @@ pub fn rope_head(x: &mut [f32], cache: &[(f32, f32)], neox: bool) {
 /// ggml's vectorized `expf` (`ggml_v_expf`, AVX-512 variant: an Arm optimized-routines
 /// polynomial, max error 1.45 ulp + 0.5), evaluated lane by lane with the same fused
 /// multiply-adds. ggml's softmax and SiLU use it, so their results depend on it.
+#[inline(always)]
 pub fn expf_ggml(x: f32) -> f32 {
     let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
     let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // log2(e)
@@ -213,10 +215,12 @@ pub fn expf_ggml(x: f32) -> f32 {
         )
         .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0));
     // _mm512_scalef_ps: j·2^n, exact, then one rounding (f64 holds the product exactly).
-    (j as f64 * (n as f64).exp2()) as f32
+    // |n| <= 192, so 2^n is a normal f64 built from its exponent bits.
+    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
 }
 
 /// `_mm512_reduce_add_ps`: halves added pairwise, 16 → 8 → 4 → 2 → 1.
+#[inline(always)]
 pub fn reduce16(mut a: [f32; 16]) -> f32 {
     let mut n = 16;
     while n > 1 {
@@ -232,6 +236,7 @@ pub fn reduce16(mut a: [f32; 16]) -> f32 {
 /// `e = expf_ggml(x − max)` sixteen at a time, each block summed in f32 by a tree and the
 /// block sums added in f64, then every `e` times `(f32)(1/sum)`. Masked positions (−inf)
 /// give 0 and may be left out.
+#[inline(always)]
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0.0f64;
@@ -250,11 +255,13 @@ pub fn softmax(x: &mut [f32]) {
 }
 
 /// `x·sigmoid(x)` as ggml computes it (`ggml_v_silu`): `x / (1 + expf_ggml(−x))`.
+#[inline(always)]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf_ggml(-x))
 }
 
 /// `relu(x)²`: ggml's `relu` then `sqr`.
+#[inline]
 pub fn relu2(x: f32) -> f32 {
     let r = if x > 0.0 { x } else { 0.0 };
     r * r

@@ -1036,9 +1036,7 @@ impl Executor {
                             *qsm.get().add(i * nb + b) = s;
                         }
                     } else if round {
-                        for v in dst.iter_mut() {
-                            *v = numerics::round_f16(*v);
-                        }
+                        host::round_f16(dst);
                     }
                 };
                 if tn > 1 && self.threads() > 1 {
@@ -1122,10 +1120,7 @@ impl Executor {
                         *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                         return;
                     }
-                    let f = activation(act);
-                    for i in 0..tn * c {
-                        y[i] = f(y[i]) * y2[i];
-                    }
+                    host::glu(act, &mut y[..tn * c], &y2[..tn * c]);
                 }
                 for i in 0..tn {
                     for j in 0..c {
@@ -1352,8 +1347,9 @@ impl Executor {
                             DotPath::Gemm { round } => round || d % 16 != 0,
                             _ => true,
                         };
-                        for (dst, &v) in qh[..d].iter_mut().zip(qv) {
-                            *dst = if round { numerics::round_f16(v) } else { v };
+                        qh[..d].copy_from_slice(qv);
+                        if round {
+                            host::round_f16(&mut qh[..d]);
                         }
                         let dot = match kq {
                             DotPath::Gemm { .. } if d % 16 == 0 => half.gemm,
@@ -1370,7 +1366,7 @@ impl Executor {
                         }
                     }
                 }
-                numerics::softmax(&mut scores[..visible]);
+                host::softmax(&mut scores[..visible]);
                 for s in &mut scores[visible..] {
                     *s = 0.0;
                 }
@@ -1488,6 +1484,87 @@ fn weighted_values(
                 *o = a as f32;
             }
         }
+    }
+}
+
+/// The reference numerics compiled for the host's FMA and F16C: the same fused operations,
+/// inlined instead of called through libm one element at a time.
+mod host {
+    use super::*;
+
+    fn fma() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    pub fn softmax(x: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if fma() {
+            #[target_feature(enable = "avx2,fma")]
+            fn softmax_fma(x: &mut [f32]) {
+                numerics::softmax(x)
+            }
+            // SAFETY: the features are present.
+            return unsafe { softmax_fma(x) };
+        }
+        numerics::softmax(x)
+    }
+
+    /// Rounds every value to f16 and back (`numerics::round_f16`), eight at a time with F16C.
+    pub fn round_f16(x: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("f16c") && std::is_x86_feature_detected!("avx") {
+            #[target_feature(enable = "avx,f16c")]
+            fn round8(x: &mut [f32]) {
+                use std::arch::x86_64::*;
+                let mut chunks = x.chunks_exact_mut(8);
+                for c in &mut chunks {
+                    // SAFETY: eight floats; the features are present.
+                    unsafe {
+                        let v = _mm256_loadu_ps(c.as_ptr());
+                        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                        _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+                    }
+                }
+                for v in chunks.into_remainder() {
+                    *v = numerics::round_f16(*v);
+                }
+            }
+            // SAFETY: the features are present.
+            return unsafe { round8(x) };
+        }
+        for v in x {
+            *v = numerics::round_f16(*v);
+        }
+    }
+
+    /// `y[i] = act(y[i]) · up[i]`.
+    pub fn glu(act: Activation, y: &mut [f32], up: &[f32]) {
+        #[inline(always)]
+        fn apply(act: Activation, y: &mut [f32], up: &[f32]) {
+            match act {
+                Activation::Silu => y
+                    .iter_mut()
+                    .zip(up)
+                    .for_each(|(y, &u)| *y = numerics::silu(*y) * u),
+                Activation::Relu2 => y
+                    .iter_mut()
+                    .zip(up)
+                    .for_each(|(y, &u)| *y = numerics::relu2(*y) * u),
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if fma() {
+            #[target_feature(enable = "avx2,fma")]
+            fn apply_fma(act: Activation, y: &mut [f32], up: &[f32]) {
+                apply(act, y, up)
+            }
+            // SAFETY: the features are present.
+            return unsafe { apply_fma(act, y, up) };
+        }
+        apply(act, y, up)
     }
 }
 

@@ -183,11 +183,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 .engine
                 .executor()
                 .map_or(0, |e| e.weight_bytes_per_token());
+            // One session, emptied before each run, as llama-bench clears its context.
+            let mut session = model.engine.session();
             for &(n_prompt, n_gen) in &tests {
                 let mut samples = Vec::new();
                 for rep in 0..=a.repetitions {
                     let prompt: Vec<u32> = (0..n_prompt).map(|_| token()).collect();
-                    let mut session = model.engine.session();
+                    session.reset();
                     let started = Instant::now();
                     if n_prompt > 0 {
                         session.eval_last(&prompt)?;
