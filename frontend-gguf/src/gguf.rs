@@ -1157,4 +1157,19 @@ impl bitnetc_ir::interp::WeightSource for GgufFile {
             bytes: self.tensor_data(t),
         })
     }
+
+    fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let (Some(t), Backing::Mapped(map)) = (self.tensor(name), &self.backing) {
+            let data = self.tensor_data(t);
+            let offset = data.as_ptr() as usize - map.as_ptr() as usize;
+            // SAFETY: a read-only shared file mapping: dropped pages are read back from the
+            // file on the next access, with the same contents. A failure only keeps them.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, data.len())
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
 }

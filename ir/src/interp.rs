@@ -24,6 +24,10 @@ pub struct WeightRef<'a> {
 /// Where the interpreter finds weights by name.
 pub trait WeightSource {
     fn weight(&self, name: &str) -> Option<WeightRef<'_>>;
+
+    /// A hint that the weight will rarely be read from now on (the runtime made its own copy
+    /// of it): its pages may leave memory, and come back if read. Does nothing by default.
+    fn release(&self, _name: &str) {}
 }
 
 /// A dense tensor.

@@ -1820,6 +1820,8 @@ impl<'p> Builder<'p> {
                     message: m,
                 });
             }
+            // Only single token rows of the original are read from now on (a tied embedding).
+            self.src.release(name);
             self.owned.push(bytes);
             let owned = self.owned.last().expect("just pushed");
             // SAFETY: the buffer lives in `owned`, moved into the executor and never changed.

@@ -117,10 +117,14 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, l))
             .collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
-            cand.truncate(p.top_k.max(1));
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            // Only the k best need sorting: partition first (a full sort of a 128k vocabulary
+            // costs milliseconds per token).
+            cand.select_nth_unstable_by(p.top_k - 1, order);
+            cand.truncate(p.top_k);
         }
+        cand.sort_by(order);
         if p.top_p < 1.0 {
             let probs = softmax(&cand);
             let mut cum = 0.0;
