@@ -84,7 +84,11 @@ fn every_tiny_model_runs_bit_exact_with_the_interpreter() {
         let ids = tokens(72, vocab, rel.len() as u64);
         for (p, steps) in PATTERNS.iter().enumerate() {
             let expect = run(&reference, &ids, steps);
-            for (threads, kernels) in [(2, KernelSet::Best), (1, KernelSet::Baseline)] {
+            for (threads, kernels) in [
+                (2, KernelSet::Best),
+                (1, KernelSet::Baseline),
+                (2, KernelSet::Lut),
+            ] {
                 let m = open(&path, compiled(threads, kernels, 512), 72);
                 let got = run(&m, &ids, steps);
                 assert_bits_equal(

@@ -63,6 +63,39 @@ fn isa(level: IsaLevel) -> Result<OwnedTargetIsa, JitError> {
         .map_err(|e| JitError::Codegen(e.to_string()))
 }
 
+/// Generates one function of `params` pointer-sized arguments and no results with `build`,
+/// and returns its module (which keeps the code alive), its entry and its code size in bytes.
+pub(crate) fn compile_fn(
+    level: IsaLevel,
+    name: &str,
+    params: usize,
+    build: impl FnOnce(&mut Context, &mut FunctionBuilderContext, Type, TargetFrontendConfig),
+) -> Result<(JITModule, *const u8, usize), JitError> {
+    let isa = isa(level)?;
+    let ptr = isa.pointer_type();
+    let mut module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+    let mut ctx = module.make_context();
+    for _ in 0..params {
+        ctx.func.signature.params.push(AbiParam::new(ptr));
+    }
+    let id = module
+        .declare_function(name, Linkage::Local, &ctx.func.signature)
+        .map_err(|e| JitError::Codegen(e.to_string()))?;
+    let mut fctx = FunctionBuilderContext::new();
+    let cfg = module.target_config();
+    build(&mut ctx, &mut fctx, ptr, cfg);
+    module
+        .define_function(id, &mut ctx)
+        .map_err(|e| JitError::Codegen(format!("{e:?}")))?;
+    let code_bytes = ctx.compiled_code().map_or(0, |c| c.code_buffer().len());
+    module.clear_context(&mut ctx);
+    module
+        .finalize_definitions()
+        .map_err(|e| JitError::Codegen(e.to_string()))?;
+    let raw = module.get_finalized_function(id);
+    Ok((module, raw, code_bytes))
+}
+
 /// A JIT-compiled ternary row kernel for one `k`: `fn(w, row_bytes, rows, q, out)` for one
 /// token, `out[r] = Σ c[r][i]·q[i]`.
 pub struct TernaryJit {
@@ -87,31 +120,12 @@ impl TernaryJit {
                 "k = {k} is not a positive multiple of 128"
             )));
         }
-        let isa = isa(level)?;
-        let ptr = isa.pointer_type();
-        let mut module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
-        let mut ctx = module.make_context();
-        for _ in 0..5 {
-            ctx.func.signature.params.push(AbiParam::new(ptr));
-        }
-        let id = module
-            .declare_function(
-                &format!("ternary_rows_k{k}"),
-                Linkage::Local,
-                &ctx.func.signature,
-            )
-            .map_err(|e| JitError::Codegen(e.to_string()))?;
-        let mut fctx = FunctionBuilderContext::new();
-        build_rows(&mut ctx, &mut fctx, ptr, k, module.target_config());
-        module
-            .define_function(id, &mut ctx)
-            .map_err(|e| JitError::Codegen(format!("{e:?}")))?;
-        let code_bytes = ctx.compiled_code().map_or(0, |c| c.code_buffer().len());
-        module.clear_context(&mut ctx);
-        module
-            .finalize_definitions()
-            .map_err(|e| JitError::Codegen(e.to_string()))?;
-        let raw = module.get_finalized_function(id);
+        let (module, raw, code_bytes) = compile_fn(
+            level,
+            &format!("ternary_rows_k{k}"),
+            5,
+            |ctx, fctx, ptr, cfg| build_rows(ctx, fctx, ptr, k, cfg),
+        )?;
         // SAFETY: the function was generated with exactly this signature.
         let func = unsafe {
             std::mem::transmute::<

@@ -7,5 +7,6 @@ pub mod amx;
 pub mod blocks;
 pub mod half;
 pub mod jit;
+pub mod lut;
 pub mod select;
 pub mod ternary;

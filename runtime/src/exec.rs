@@ -10,6 +10,7 @@ use bitnetc_codegen_cpu::act::{QuantFn, select_quant};
 use bitnetc_codegen_cpu::blocks::BlockDotFn;
 use bitnetc_codegen_cpu::half::HalfDots;
 use bitnetc_codegen_cpu::jit::JitError;
+use bitnetc_codegen_cpu::lut;
 use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary};
 use bitnetc_codegen_cpu::ternary::RowsArgs;
 use bitnetc_ir::encoding::{Encoding, i2s_scale};
@@ -381,6 +382,8 @@ pub struct State {
     qsum: Vec<i32>,
     qd: Vec<f32>,
     qsm: Vec<f32>,
+    /// Per token: the table-lookup kernel's tables (empty unless it is bound somewhere).
+    lut: Vec<u8>,
     /// Per (theta bits, dims): each token's (cos, sin) pairs for this step.
     rope: Vec<RopeTable>,
     rope_valid: Vec<bool>,
@@ -426,6 +429,8 @@ struct Prepared {
     /// Per Q8 block: scale and `d·Σq`.
     qd: *const f32,
     qsm: *const f32,
+    /// Per token: the table-lookup kernel's tables (when it is bound).
+    lut: *const u8,
 }
 
 // SAFETY: the pointed-to scratch is written before the workers start and only read by them.
@@ -608,6 +613,11 @@ impl Executor {
             qsum: vec![0; t],
             qd: vec![0.0; t * self.max_k / 32],
             qsm: vec![0.0; t * self.max_k / 32],
+            lut: if self.choices.iter().any(|c| c.lut().is_some()) {
+                vec![0; t * lut::table_bytes(self.max_k)]
+            } else {
+                Vec::new()
+            },
             rope: Vec::new(),
             rope_valid: Vec::new(),
             locals: (0..self.threads())
@@ -1059,6 +1069,23 @@ impl Executor {
             }
         };
         let qsum = Shared(st.qsum.as_mut_ptr());
+        if let Weights::Ternary { choice, .. } = &l.weights
+            && self.choices[*choice].lut().is_some()
+        {
+            let tb = lut::table_bytes(k);
+            let tables = Shared(st.lut.as_mut_ptr());
+            let qp = Shared(q_ptr as *mut i8);
+            let build = |i: usize| unsafe {
+                let q = std::slice::from_raw_parts(qp.get().add(i * k), k);
+                let t = std::slice::from_raw_parts_mut(tables.get().add(i * tb), tb);
+                lut::build_tables(q, t);
+            };
+            if tn > 1 && self.threads() > 1 {
+                self.pool.run(&|w, n| split(tn, w, n, 1).for_each(build));
+            } else {
+                (0..tn).for_each(build);
+            }
+        }
         // Output: the arena, or the caller's logits for the head.
         let n_out = if l.glu.is_some() { l.n / 2 } else { l.n };
         let (dst, dst_stride) = if l.head {
@@ -1098,6 +1125,7 @@ impl Executor {
             qsum: qsum.get(),
             qd: st.qd.as_ptr(),
             qsm: st.qsm.as_ptr(),
+            lut: st.lut.as_ptr(),
         };
         let half_rows = if l.glu.is_some() { l.n / 2 } else { l.n };
         let locals = &st.locals;
@@ -1178,8 +1206,24 @@ impl Executor {
                         out_stride: c,
                     };
                     // SAFETY: the part holds `local + n` rows of k/4 bytes (checked when
-                    // compiled); q holds tn rows of k; sums holds tn rows of c.
-                    unsafe { kernel.run(&args) };
+                    // compiled), or their repacked groups for the table-lookup kernel, whose
+                    // tables hold tn tokens; q holds tn rows of k; sums holds tn rows of c.
+                    unsafe {
+                        match choice.lut() {
+                            Some(j) => j.run(
+                                bytes.ptr,
+                                local,
+                                n,
+                                p.lut,
+                                lut::table_bytes(k),
+                                p.qsum,
+                                tn,
+                                sums.as_mut_ptr().add(col),
+                                c,
+                            ),
+                            None => kernel.run(&args),
+                        }
+                    };
                     let beta = parts[pi].2;
                     for i in 0..tn {
                         let (qs, qsum) = unsafe { (*p.s.add(i), *p.qsum.add(i)) };
@@ -1843,11 +1887,11 @@ impl<'p> Builder<'p> {
         Ok(out)
     }
 
-    fn choice(&mut self, k: usize) -> Result<usize, ExecError> {
-        if let Some(i) = self.choices.iter().position(|c| c.k == k) {
+    fn choice(&mut self, k: usize, n: usize) -> Result<usize, ExecError> {
+        if let Some(i) = self.choices.iter().position(|c| c.k == k && c.n == n) {
             return Ok(i);
         }
-        self.choices.push(choose_ternary(k, self.set)?);
+        self.choices.push(choose_ternary(k, n, self.set)?);
         Ok(self.choices.len() - 1)
     }
 
@@ -1905,7 +1949,19 @@ impl<'p> Builder<'p> {
                     }
                     ps.push((Bytes::of(w.bytes), rows, i2s_scale(w.bytes, total)));
                 }
-                let choice = self.choice(k)?;
+                let choice = self.choice(k, n)?;
+                if self.choices[choice].lut().is_some() {
+                    // The table-lookup kernel reads groups of 16 rows side by side: repack,
+                    // and let the originals' pages go.
+                    for ((name, w), p) in parts.iter().zip(&mut ps) {
+                        let rows = p.1;
+                        let mut rep = vec![0u8; lut::repacked_bytes(rows, k)];
+                        lut::repack(&w.bytes[..rows * k / 4], rows, k, &mut rep);
+                        self.src.release(name);
+                        self.owned.push(rep);
+                        p.0 = Bytes::of(self.owned.last().expect("just pushed"));
+                    }
+                }
                 (
                     Weights::Ternary { parts: ps, choice },
                     format!(

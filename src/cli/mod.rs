@@ -16,8 +16,9 @@ pub struct ExecArgs {
     /// Most tokens evaluated in one step; longer prompts take several
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
-    /// Kernel variants to choose from: `best` (fastest for this CPU) or `baseline`
-    /// (x86-64 SSE4.1 and portable code only)
+    /// Kernel variants to choose from: `best` (the fastest exact one for this CPU and shape),
+    /// `baseline` (x86-64 SSE4.1 and portable code only) or `lut` (the table-lookup ternary
+    /// kernel for every I2_S weight, the best elsewhere)
     #[arg(long, value_enum, default_value = "best")]
     pub kernels: KernelChoice,
     /// Run the reference interpreter instead of compiled kernels (slow; one thread)
@@ -42,6 +43,7 @@ pub enum LmHead {
 pub enum KernelChoice {
     Best,
     Baseline,
+    Lut,
 }
 
 impl ExecArgs {
@@ -60,6 +62,7 @@ impl ExecArgs {
                 kernels: match self.kernels {
                     KernelChoice::Best => bitnetc::codegen::select::KernelSet::Best,
                     KernelChoice::Baseline => bitnetc::codegen::select::KernelSet::Baseline,
+                    KernelChoice::Lut => bitnetc::codegen::select::KernelSet::Lut,
                 },
                 batch: self.batch_size,
                 trace: self.trace_kernels,
