@@ -4,6 +4,7 @@
 //! lowers them to the IR, [`ir`] holds the IR, the weight encodings and the reference
 //! interpreter, [`runtime`] runs models. [`load`] opens a GGUF model ready to run.
 
+pub mod bplan;
 pub mod npy;
 
 pub use bitnetc_codegen_cpu as codegen;
@@ -32,6 +33,9 @@ pub enum Error {
     NoTokenizer(String),
     #[error("{0}")]
     Tokenizer(String),
+    /// A compiled plan that cannot be written or used.
+    #[error("{0}")]
+    Plan(String),
 }
 
 /// What evaluates the plan.
@@ -81,8 +85,12 @@ impl Model {
     }
 }
 
-/// Opens a GGUF model, validates it, lowers it and binds it to an engine.
+/// Opens a model ready to run: a GGUF model (validated, lowered, optimized and bound to
+/// kernels chosen for this host) or a compiled plan ([`bplan`]).
 pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
+    if bplan::is_plan(path) {
+        return bplan::load(path, opts);
+    }
     let file = Arc::new(GgufFile::open(path)?);
     let config = ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let mut graph = lower(&file, &config, &opts.lower)?;
@@ -96,8 +104,27 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     };
     manager.run(&mut graph, |_| {})?;
     let (plan, _) = passes::memory::plan(&graph).map_err(RuntimeError::from)?;
-    let context = opts.context.unwrap_or(config.context_length as usize);
-    let engine = match &opts.backend {
+    bind(
+        file,
+        config,
+        plan,
+        &opts.backend,
+        opts.context,
+        opts.pre_tokenizer.as_deref(),
+    )
+}
+
+/// Binds a planned model to an engine and reads its tokenizer.
+fn bind(
+    file: Arc<GgufFile>,
+    config: ModelConfig,
+    plan: ir::plan::Plan,
+    backend: &Backend,
+    context: Option<usize>,
+    pre_tokenizer: Option<&str>,
+) -> Result<Model, Error> {
+    let context = context.unwrap_or(config.context_length as usize);
+    let engine = match backend {
         Backend::Compiled(exec) => Engine::compiled(plan, file.clone(), context, exec)?,
         Backend::Interpreter => Engine::new(plan, file.clone(), context)?,
     };
@@ -105,7 +132,7 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     let tokenizer = match meta {
         Some(meta) => {
             let spec = meta.to_spec().map_err(|e| file.model_error(e))?;
-            let tokenizer = Tokenizer::new(spec, opts.pre_tokenizer.as_deref())
+            let tokenizer = Tokenizer::new(spec, pre_tokenizer)
                 .map_err(|e| Error::Tokenizer(format!("{}: {e}", file.path().display())))?;
             Some(tokenizer)
         }

@@ -32,7 +32,7 @@ enum Command {
     Inspect(InspectArgs),
     /// Rewrite a model's block matrices as ternary weights (norms stay F32)
     Quantize(QuantizeArgs),
-    /// Lower a model and print a compilation stage
+    /// Lower a model and print a compilation stage, or write a compiled plan (-o)
     Compile(CompileArgs),
     /// Evaluate token ids and write every position's logits to a .npy file
     Logits(LogitsArgs),
@@ -79,7 +79,27 @@ enum Emit {
 struct CompileArgs {
     /// The GGUF model
     model: PathBuf,
-    /// What to print
+    /// Write the compiled plan to this file (`.bplan`): the plan after the passes, the kernels
+    /// chosen for this CPU and the weights, loaded by every command in place of the model
+    #[arg(short = 'o', long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// The target of the plan written with -o (this build writes `cpu` plans; `cuda` is refused)
+    #[arg(long, value_enum, default_value = "cpu")]
+    target: Target,
+    /// Re-encode the output projection into the plan (see `run --help`)
+    #[arg(long, value_enum, value_name = "TYPE")]
+    lm_head: Option<cli::LmHead>,
+    /// Kernel variants to choose from (see `run --help`)
+    #[arg(long, value_enum, default_value = "best")]
+    kernels: cli::KernelChoice,
+    /// Threads for choosing kernels and re-encoding (default: all cores)
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// With -o: print the plan's manifest, the compile time and the plan's load time (median
+    /// of 5 loads)
+    #[arg(short = 'v', long)]
+    verbose: bool,
+    /// What to print (without -o)
     #[arg(long, value_enum, default_value = "ir")]
     emit: Emit,
     /// KV cache element type
@@ -97,6 +117,12 @@ struct CompileArgs {
     /// Print how long each pass took, to stderr
     #[arg(long)]
     time_passes: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Target {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,7 +152,7 @@ enum Mode {
 
 #[derive(clap::Args)]
 struct LogitsArgs {
-    /// The GGUF model
+    /// The model: a GGUF file or a compiled plan (.bplan)
     #[arg(short = 'm', long)]
     model: PathBuf,
     /// Token ids, separated by spaces or commas
@@ -147,7 +173,7 @@ struct LogitsArgs {
 
 #[derive(clap::Args)]
 struct InspectArgs {
-    /// The GGUF file
+    /// A GGUF file or a compiled plan (.bplan)
     file: PathBuf,
     /// Print one JSON document instead of text
     #[arg(long)]

@@ -27,6 +27,7 @@ fn compiled(threads: usize, kernels: KernelSet, batch: usize) -> Backend {
         batch,
         trace: false,
         lm_head: None,
+        bindings: None,
     })
 }
 

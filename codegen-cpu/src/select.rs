@@ -157,6 +157,75 @@ pub fn ternary_candidates(k: usize, set: KernelSet) -> Result<Vec<TernaryKernel>
     Ok(out)
 }
 
+/// The ternary kernel called `name` (as [`TernaryKernel::name`] prints it) for rows of `k`,
+/// or an error naming what this CPU lacks: a compiled plan binds its kernels by name.
+pub fn ternary_by_name(name: &str, k: usize) -> Result<TernaryKernel, JitError> {
+    let lacks = |what: &str| {
+        Err(JitError::Host(format!(
+            "the kernel `{name}` needs {what}, which this CPU does not have"
+        )))
+    };
+    #[cfg(target_arch = "x86_64")]
+    let native: Option<(&'static str, RowsFn)> = match name {
+        "amx" if !crate::amx::available() => {
+            return lacks("AMX-INT8 (and the kernel's permission)");
+        }
+        "amx" => Some(("amx", crate::amx::rows_amx as RowsFn)),
+        "avx512-vnni"
+            if !(std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512bw")) =>
+        {
+            return lacks("AVX-512 VNNI and BW");
+        }
+        "avx512-vnni" => Some(("avx512-vnni", ternary::rows_avx512_vnni as RowsFn)),
+        "avx2" if !std::is_x86_feature_detected!("avx2") => return lacks("AVX2"),
+        "avx2" => Some(("avx2", ternary::rows_avx2 as RowsFn)),
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let native: Option<(&'static str, RowsFn)> = None;
+    if let Some((name, f)) = native {
+        return Ok(TernaryKernel::Native { name, f });
+    }
+    Ok(match name {
+        "jit" => TernaryKernel::Jit(Arc::new(TernaryJit::compile(k, IsaLevel::Native)?)),
+        "jit-baseline" => TernaryKernel::Jit(Arc::new(TernaryJit::compile(k, IsaLevel::Baseline)?)),
+        "lut" => TernaryKernel::Lut(Arc::new(LutJit::compile(k, IsaLevel::Native)?)),
+        "scalar" => TernaryKernel::Native {
+            name: "scalar",
+            f: ternary::rows_scalar,
+        },
+        other => {
+            return Err(JitError::Shape(format!(
+                "unknown ternary kernel `{other}` (known: amx, avx512-vnni, avx2, jit, \
+                 jit-baseline, lut, scalar)"
+            )));
+        }
+    })
+}
+
+/// A choice made elsewhere (read from a compiled plan), bound without timing anything.
+pub fn fixed_ternary(
+    k: usize,
+    n: usize,
+    gemv: &str,
+    gemm: &str,
+) -> Result<TernaryChoice, JitError> {
+    let choice = TernaryChoice {
+        k,
+        n,
+        gemv: ternary_by_name(gemv, k)?,
+        gemm: ternary_by_name(gemm, k)?,
+        timings: Vec::new(),
+    };
+    if (gemv == "lut") != (gemm == "lut") {
+        return Err(JitError::Shape(format!(
+            "k={k}: the table-lookup kernel must be bound for both GEMV and GEMM, not {gemv}/{gemm}"
+        )));
+    }
+    Ok(choice)
+}
+
 /// One timed candidate: the best of a few runs, in nanoseconds per row and token.
 #[derive(Clone, Debug)]
 pub struct Timing {
@@ -310,6 +379,23 @@ mod tests {
             if set == KernelSet::Lut {
                 assert!(c.lut().is_some());
             }
+            // A plan binds the same kernels again by name.
+            let again = fixed_ternary(256, 1024, &c.gemv.name(), &c.gemm.name()).unwrap();
+            assert_eq!(
+                (again.gemv.name(), again.gemm.name()),
+                (c.gemv.name(), c.gemm.name())
+            );
         }
+    }
+
+    #[test]
+    fn unknown_or_mixed_kernels_are_refused_by_name() {
+        let e = ternary_by_name("avx1024", 256).err().unwrap().to_string();
+        assert!(e.contains("unknown ternary kernel `avx1024`"), "{e}");
+        let e = fixed_ternary(256, 64, "lut", "jit")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("both GEMV and GEMM"), "{e}");
     }
 }

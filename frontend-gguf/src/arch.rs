@@ -339,11 +339,13 @@ impl ModelConfig {
             check_encoding(t, e.is_matrix)?;
             scales |= e.name.ends_with(".scale");
         }
-        if let Some(t) = file
-            .tensors()
-            .iter()
-            .find(|t| !expected.iter().any(|e| e.name == t.name))
-        {
+        // A compiled plan's weights image (marked by `bitnetc.plan`) also holds tensors the
+        // compiler made, named `bitnetc.*`, which its plan reads.
+        let plan_image = file.get("bitnetc.plan").is_some();
+        let known = |name: &str| {
+            expected.iter().any(|e| e.name == name) || plan_image && name.starts_with("bitnetc.")
+        };
+        if let Some(t) = file.tensors().iter().find(|t| !known(&t.name)) {
             return Err(ModelError::UnexpectedTensor {
                 tensor: t.name.clone(),
                 arch: arch.into(),

@@ -935,14 +935,15 @@ pub fn parse(b: &[u8]) -> Result<Layout, ParseError> {
 }
 
 enum Backing {
-    Mapped(memmap2::Mmap),
+    /// A mapped file, of which the GGUF image is this range.
+    Mapped(memmap2::Mmap, std::ops::Range<usize>),
     Owned(Vec<u8>),
 }
 
 impl Backing {
     fn bytes(&self) -> &[u8] {
         match self {
-            Backing::Mapped(m) => m,
+            Backing::Mapped(m, r) => &m[r.clone()],
             Backing::Owned(v) => v,
         }
     }
@@ -968,19 +969,47 @@ impl fmt::Debug for GgufFile {
 impl GgufFile {
     /// Memory-maps and validates a file. No tensor data is read.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
+        Self::open_range(path, 0, None)
+    }
+
+    /// Memory-maps a file and validates the GGUF image that starts `offset` bytes into it and
+    /// runs for `len` bytes (to its end when `None`): a GGUF embedded in another container.
+    /// Tensor alignment holds in the file when `offset` is a multiple of it.
+    pub fn open_range(
+        path: impl AsRef<Path>,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<GgufFile, GgufError> {
         let path = path.as_ref().to_path_buf();
         let io = |source| GgufError::Io {
             path: path.clone(),
             source,
         };
         let file = std::fs::File::open(&path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let backing = if len == 0 {
+        let file_len = file.metadata().map_err(io)?.len();
+        let end = match len {
+            Some(l) => offset.checked_add(l),
+            None => Some(file_len),
+        };
+        let range = match end {
+            Some(end) if offset <= end && end <= file_len => offset as usize..end as usize,
+            _ => {
+                return Err(io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the GGUF image at bytes {offset}..{} is past the end of the file \
+                         ({file_len} bytes)",
+                        end.map_or("overflow".into(), |e| e.to_string())
+                    ),
+                )));
+            }
+        };
+        let backing = if range.is_empty() {
             Backing::Owned(Vec::new())
         } else {
             // SAFETY: the map is read-only. As with every mmap-based model loader, the file must
             // not be truncated by another process while it is open.
-            Backing::Mapped(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+            Backing::Mapped(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?, range)
         };
         Self::with_backing(path, backing)
     }
@@ -1006,6 +1035,11 @@ impl GgufFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The whole GGUF image, as mapped.
+    pub fn bytes(&self) -> &[u8] {
+        self.backing.bytes()
     }
 
     pub fn layout(&self) -> &Layout {
@@ -1160,7 +1194,7 @@ impl bitnetc_ir::interp::WeightSource for GgufFile {
 
     fn release(&self, name: &str) {
         #[cfg(unix)]
-        if let (Some(t), Backing::Mapped(map)) = (self.tensor(name), &self.backing) {
+        if let (Some(t), Backing::Mapped(map, _)) = (self.tensor(name), &self.backing) {
             let data = self.tensor_data(t);
             let offset = data.as_ptr() as usize - map.as_ptr() as usize;
             // SAFETY: a read-only shared file mapping: dropped pages are read back from the

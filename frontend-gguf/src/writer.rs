@@ -273,6 +273,7 @@ impl GgufWriter {
             w,
             tensors: self.tensors,
             next: 0,
+            partial: 0,
             alignment: self.alignment,
         })
     }
@@ -292,6 +293,8 @@ pub struct TensorStream<W: Write> {
     w: W,
     tensors: Vec<TensorSpec>,
     next: usize,
+    /// Bytes of tensor `next` written so far by [`TensorStream::write_piece`].
+    partial: u64,
     alignment: u64,
 }
 
@@ -305,18 +308,39 @@ impl<W: Write> TensorStream<W> {
         let Some(t) = self.tensors.get(self.next) else {
             return Err(invalid("more tensor data than declared tensors".into()));
         };
-        if data.len() as u64 != t.nbytes {
+        if self.partial != 0 || data.len() as u64 != t.nbytes {
             return Err(invalid(format!(
                 "tensor '{}': {} bytes given, {} declared",
                 t.name,
-                data.len(),
+                self.partial + data.len() as u64,
                 t.nbytes
             )));
         }
+        self.write_piece(data)
+    }
+
+    /// Writes the next bytes of the current tensor; once all its declared bytes are written
+    /// it is padded and the stream moves to the next tensor (an empty tensor needs one call
+    /// with no bytes).
+    pub fn write_piece(&mut self, data: &[u8]) -> io::Result<()> {
+        let Some(t) = self.tensors.get(self.next) else {
+            return Err(invalid("more tensor data than declared tensors".into()));
+        };
+        let nbytes = t.nbytes;
+        if self.partial + data.len() as u64 > nbytes {
+            return Err(invalid(format!(
+                "tensor '{}': more than the {} bytes declared",
+                t.name, nbytes
+            )));
+        }
         self.w.write_all(data)?;
-        let pad = (self.alignment - t.nbytes % self.alignment) % self.alignment;
-        self.w.write_all(&vec![0u8; pad as usize])?;
-        self.next += 1;
+        self.partial += data.len() as u64;
+        if self.partial == nbytes {
+            let pad = (self.alignment - nbytes % self.alignment) % self.alignment;
+            self.w.write_all(&vec![0u8; pad as usize])?;
+            self.next += 1;
+            self.partial = 0;
+        }
         Ok(())
     }
 

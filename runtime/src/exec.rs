@@ -11,7 +11,7 @@ use bitnetc_codegen_cpu::blocks::BlockDotFn;
 use bitnetc_codegen_cpu::half::HalfDots;
 use bitnetc_codegen_cpu::jit::JitError;
 use bitnetc_codegen_cpu::lut;
-use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary};
+use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary, fixed_ternary};
 use bitnetc_codegen_cpu::ternary::RowsArgs;
 use bitnetc_ir::encoding::{Encoding, i2s_scale};
 use bitnetc_ir::interp::{MatmulActs, WeightRef, WeightSource, fetch_weight, matmul_rows};
@@ -62,6 +62,27 @@ pub struct ExecOptions {
     /// Re-encode the output projection (the largest read of a decode step) at load time:
     /// `q8_0` halves an F16 head's bytes at the cost of llama.cpp's Q8_0 rounding.
     pub lm_head: Option<Encoding>,
+    /// Ternary kernels bound by name (a compiled plan's), instead of timing the candidates.
+    pub bindings: Option<Vec<TernaryBinding>>,
+}
+
+/// The ternary kernels bound for one weight shape, by name: what a compiled plan records.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TernaryBinding {
+    pub k: usize,
+    pub n: usize,
+    pub gemv: String,
+    pub gemm: String,
+}
+
+/// The output projection as the executor re-encoded it (`lm_head`).
+pub struct ReencodedHead<'e> {
+    /// The head's step in the plan.
+    pub step: usize,
+    /// The weight buffer the head step reads.
+    pub buffer: BufferId,
+    /// Per part: the original tensor's name, its new encoding, `[rows, k]` and bytes.
+    pub parts: Vec<(String, Encoding, [u64; 2], &'e [u8])>,
 }
 
 impl Default for ExecOptions {
@@ -72,6 +93,7 @@ impl Default for ExecOptions {
             batch: 512,
             trace: false,
             lm_head: None,
+            bindings: None,
         }
     }
 }
@@ -303,7 +325,11 @@ pub struct Executor {
     // Boxed: weight references point at the shapes, which must not move when the Vec grows.
     #[allow(clippy::vec_box)]
     _owned: (Vec<Vec<u8>>, Vec<Box<[u64; 2]>>),
+    /// The head's weight buffer and its re-encoded parts (`lm_head`).
+    reencoded_head: Option<HeadParts>,
 }
+
+type HeadParts = (usize, BufferId, Vec<(String, Encoding, [u64; 2], Bytes)>);
 
 // SAFETY: the raw pointers point into the weight source, which is immutable and owned (via
 // the Arc) by the executor.
@@ -483,6 +509,8 @@ impl Executor {
             half: HalfDots::select(opts.kernels == KernelSet::Baseline),
             pool: &pool,
             lm_head: opts.lm_head,
+            bindings: opts.bindings.clone(),
+            head: None,
             owned: Vec::new(),
             owned_shapes: Vec::new(),
         };
@@ -511,6 +539,7 @@ impl Executor {
             half,
             owned,
             owned_shapes,
+            head: reencoded_head,
             ..
         } = b;
         Ok(Executor {
@@ -530,6 +559,37 @@ impl Executor {
             max_rope,
             _weights: weights,
             _owned: (owned, owned_shapes),
+            reencoded_head,
+        })
+    }
+
+    /// The kernels bound per ternary weight shape, by name.
+    pub fn ternary_bindings(&self) -> Vec<TernaryBinding> {
+        self.choices
+            .iter()
+            .map(|c| TernaryBinding {
+                k: c.k,
+                n: c.n,
+                gemv: c.gemv.name(),
+                gemm: c.gemm.name(),
+            })
+            .collect()
+    }
+
+    /// The head re-encoded at load time, when `lm_head` asked for it.
+    pub fn reencoded_head(&self) -> Option<ReencodedHead<'_>> {
+        let (step, buffer, parts) = self.reencoded_head.as_ref()?;
+        Some(ReencodedHead {
+            step: *step,
+            buffer: *buffer,
+            parts: parts
+                .iter()
+                .map(|(name, enc, shape, b)| {
+                    // SAFETY: the bytes are owned by the executor (`_owned`) and immutable.
+                    let bytes = unsafe { std::slice::from_raw_parts(b.ptr, b.len) };
+                    (name.clone(), *enc, *shape, bytes)
+                })
+                .collect(),
         })
     }
 
@@ -1684,6 +1744,8 @@ struct Builder<'p> {
     half: HalfDots,
     pool: &'p Pool,
     lm_head: Option<Encoding>,
+    bindings: Option<Vec<TernaryBinding>>,
+    head: Option<HeadParts>,
     /// Weights the executor made itself (a requantized head), kept alive with it.
     owned: Vec<Vec<u8>>,
     #[allow(clippy::vec_box)]
@@ -1891,7 +1953,18 @@ impl<'p> Builder<'p> {
         if let Some(i) = self.choices.iter().position(|c| c.k == k && c.n == n) {
             return Ok(i);
         }
-        self.choices.push(choose_ternary(k, n, self.set)?);
+        let choice = match &self.bindings {
+            None => choose_ternary(k, n, self.set)?,
+            Some(bound) => {
+                let b = bound.iter().find(|b| b.k == k && b.n == n).ok_or_else(|| {
+                    ExecError::Run(format!(
+                        "the plan binds no ternary kernel for {n} rows of {k} elements"
+                    ))
+                })?;
+                fixed_ternary(k, n, &b.gemv, &b.gemm)?
+            }
+        };
+        self.choices.push(choice);
         Ok(self.choices.len() - 1)
     }
 
@@ -1906,6 +1979,17 @@ impl<'p> Builder<'p> {
         let mut parts = self.weights(i, op, b)?;
         if head && let Some(target) = self.lm_head {
             parts = self.requantize(&parts, target)?;
+            self.head = Some((
+                i,
+                b,
+                parts
+                    .iter()
+                    .map(|(name, w)| {
+                        let shape = [w.shape[0], w.shape[1]];
+                        (name.clone(), w.encoding, shape, Bytes::of(w.bytes))
+                    })
+                    .collect(),
+            ));
         }
         let enc = parts[0].1.encoding;
         if let Some((name, w)) = parts.iter().find(|(_, w)| w.encoding != enc) {

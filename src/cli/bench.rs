@@ -10,7 +10,7 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// GGUF models (may be repeated)
+    /// Models: GGUF files or compiled plans (may be repeated)
     #[arg(short = 'm', long, required = true)]
     pub model: Vec<PathBuf>,
     /// Prompt lengths to test (comma-separated; 0 skips the prompt tests)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// How a model is opened.
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// The GGUF model
+    /// The model: a GGUF file or a compiled plan (.bplan)
     #[arg(short = 'm', long)]
     pub model: PathBuf,
     /// Context size in tokens (positions the KV cache holds)
@@ -149,7 +149,7 @@ pub struct ChatArgs {
 
 #[derive(clap::Args)]
 pub struct TokenizeArgs {
-    /// The GGUF model
+    /// The model: a GGUF file or a compiled plan (.bplan)
     #[arg(short = 'm', long)]
     pub model: PathBuf,
     /// The text

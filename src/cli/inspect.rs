@@ -6,7 +6,15 @@ use bitnetc::gguf::describe::{self, ConfigOutcome, Description};
 use bitnetc::gguf::{GgufFile, ModelConfig};
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
-    let file = GgufFile::open(&a.file)?;
+    let file = if bitnetc::bplan::is_plan(&a.file) {
+        let (header, _) = bitnetc::bplan::read_manifest(&a.file)?;
+        if !a.json {
+            print!("{}", bitnetc::bplan::describe(&a.file)?);
+        }
+        GgufFile::open_range(&a.file, header.image.0, Some(header.image.1))?
+    } else {
+        GgufFile::open(&a.file)?
+    };
     let d = describe::describe(&file, a.tensors);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&d)?);

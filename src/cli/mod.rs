@@ -69,6 +69,7 @@ impl ExecArgs {
                 lm_head: self
                     .lm_head
                     .map(|LmHead::Q8_0| bitnetc::ir::encoding::Encoding::Q8_0),
+                bindings: None,
             },
         ))
     }

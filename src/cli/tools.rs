@@ -54,6 +54,9 @@ pub fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
 
 pub fn compile(a: CompileArgs) -> Result<()> {
     use bitnetc::passes::{self, PassConfig, PassEvent, PassManager, PrintAfter};
+    if let Some(out) = &a.output {
+        return compile_plan(&a, out);
+    }
     let file = bitnetc::gguf::GgufFile::open(&a.model)?;
     let config = bitnetc::gguf::ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let lower_opts = bitnetc::gguf::lower::LowerOptions {
@@ -105,6 +108,81 @@ pub fn compile(a: CompileArgs) -> Result<()> {
             let (plan, stats) = passes::memory::plan(&graph)?;
             print!("{}", passes::memory::describe(&plan, &stats));
         }
+    }
+    Ok(())
+}
+
+/// `compile -o`: writes a `.bplan`.
+fn compile_plan(a: &CompileArgs, out: &std::path::Path) -> Result<()> {
+    use bitnetc::runtime::exec::ExecOptions;
+    if a.target == crate::Target::Cuda {
+        return Err("--target cuda: this build compiles plans for the CPU only".into());
+    }
+    if !a.print_after.is_empty() || a.stop_after.is_some() {
+        return Err(
+            "--print-after and --stop-after print stages; they do not combine with -o".into(),
+        );
+    }
+    let exec = super::ExecArgs {
+        threads: a.threads,
+        batch_size: 512,
+        kernels: a.kernels,
+        interp: false,
+        trace_kernels: false,
+        lm_head: a.lm_head,
+    };
+    let bitnetc::Backend::Compiled(exec) = exec.backend()? else {
+        unreachable!("not the interpreter")
+    };
+    let opts = bitnetc::bplan::CompileOptions {
+        exec: ExecOptions { ..exec },
+        lower: bitnetc::gguf::lower::LowerOptions {
+            kv_cache: a.kv_cache.dtype(),
+        },
+        passes: a.passes.clone(),
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} weights {msg}")
+            .expect("valid template"),
+    );
+    let report = bitnetc::bplan::compile(&a.model, out, &opts, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    println!(
+        "wrote {} ({}): compiled in {:.2} s, written in {:.2} s",
+        out.display(),
+        super::human_bytes(report.bytes),
+        report.compile_seconds,
+        report.write_seconds
+    );
+    if a.verbose {
+        print!("{}", bitnetc::bplan::describe(out)?);
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t0 = std::time::Instant::now();
+            let model = bitnetc::load(
+                out,
+                bitnetc::LoadOptions {
+                    backend: bitnetc::Backend::Compiled(ExecOptions {
+                        lm_head: None,
+                        ..opts.exec.clone()
+                    }),
+                    lower: opts.lower,
+                    ..Default::default()
+                },
+            )?;
+            times.push(t0.elapsed().as_secs_f64());
+            drop(model);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "load          {:.3} s (median of 5; {:.3}–{:.3})",
+            times[2], times[0], times[4]
+        );
     }
     Ok(())
 }

@@ -520,3 +520,73 @@ fn bench_writes_llama_bench_json_records() {
         "{table}"
     );
 }
+
+#[test]
+fn a_compiled_plan_answers_like_its_model() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("smollm2.bplan");
+    let o = bitnetc(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        plan.to_str().unwrap(),
+        "--verbose",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with(&format!("wrote {}", plan.display())),
+        "{out}"
+    );
+    assert!(
+        out.contains("source        SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "{out}"
+    );
+    assert!(out.contains("load          "), "{out}");
+    let o = bitnetc(&[
+        "run",
+        "-m",
+        plan.to_str().unwrap(),
+        "-cnv",
+        "-p",
+        "What is the capital of France?",
+        "--temp",
+        "0",
+        "--output-ids",
+        "-c",
+        "128",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "The capital of France is Paris.\n");
+    assert!(stderr(&o).contains("[504,3575,282,4649,314,7042,30,2]"));
+    let o = bitnetc(&["inspect", plan.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("compiled plan, format 1 by bitnetc"));
+    // A plan cannot take a GGUF-only option, and says which.
+    let o = bitnetc(&[
+        "run",
+        "-m",
+        plan.to_str().unwrap(),
+        "-p",
+        "x",
+        "--lm-head",
+        "q8_0",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--lm-head is chosen at compile time"),
+        "{}",
+        stderr(&o)
+    );
+    let o = bitnetc(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        plan.to_str().unwrap(),
+        "--target",
+        "cuda",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--target cuda"), "{}", stderr(&o));
+}

@@ -1,0 +1,236 @@
+//! Compiled plans (`.bplan`): the same logits as the model they were compiled from, bit for
+//! bit, on every fixture model; and every damaged, foreign or mismatched file refused with a
+//! message naming the file and what is wrong.
+
+use bitnetc::bplan::{self, CompileOptions};
+use bitnetc::codegen::select::KernelSet;
+use bitnetc::ir::encoding::Encoding;
+use bitnetc::runtime::exec::ExecOptions;
+use bitnetc::{Backend, LoadOptions, Model, load};
+use bitnetc_tests::{TINY_MODELS, fixture, shared_fixture};
+use std::path::{Path, PathBuf};
+
+fn exec(kernels: KernelSet, lm_head: Option<Encoding>) -> ExecOptions {
+    ExecOptions {
+        threads: 2,
+        kernels,
+        lm_head,
+        ..ExecOptions::default()
+    }
+}
+
+fn open(path: &Path, backend: Backend) -> Result<Model, bitnetc::Error> {
+    load(
+        path,
+        LoadOptions {
+            backend,
+            context: Some(48),
+            ..LoadOptions::default()
+        },
+    )
+}
+
+fn compile_to(src: &Path, dir: &Path, opts: &CompileOptions) -> PathBuf {
+    let out = dir.join(format!(
+        "{}.bplan",
+        src.file_stem().unwrap().to_string_lossy()
+    ));
+    let mut last = (0, 1);
+    let report = bplan::compile(src, &out, opts, |d, t| last = (d, t)).unwrap();
+    assert_eq!(last.0, last.1, "the progress reaches the total");
+    assert_eq!(report.bytes, std::fs::metadata(&out).unwrap().len());
+    out
+}
+
+/// Prefill then decode: every position's logits.
+fn logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut s = m.engine.session();
+    let mut out = s.eval(&tokens[..30]).unwrap();
+    for &t in &tokens[30..] {
+        out.extend(s.eval(&[t]).unwrap());
+    }
+    out
+}
+
+fn ids(vocab: usize) -> Vec<u32> {
+    (0..40u64)
+        .map(|i| ((i * 7919 + 13) % vocab as u64) as u32)
+        .collect()
+}
+
+fn assert_same(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+        panic!("{what}: logit {i}: plan {} model {}", a[i], b[i]);
+    }
+}
+
+#[test]
+fn every_fixture_runs_the_same_through_its_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut models: Vec<PathBuf> = TINY_MODELS.iter().map(|m| fixture(m)).collect();
+    models.extend(shared_fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    for src in &models {
+        for (kernels, head) in [
+            (KernelSet::Best, None),
+            (KernelSet::Lut, None),
+            (KernelSet::Best, Some(Encoding::Q8_0)),
+        ] {
+            let opts = CompileOptions {
+                exec: exec(kernels, head),
+                ..CompileOptions::default()
+            };
+            let plan = compile_to(src, dir.path(), &opts);
+            let what = format!("{} {kernels:?} {head:?}", src.display());
+            let direct = open(src, Backend::Compiled(exec(kernels, head))).unwrap();
+            let planned = open(&plan, Backend::Compiled(exec(kernels, None))).unwrap();
+            let (vocab, tokens) = (direct.engine.vocab_size(), ids(direct.engine.vocab_size()));
+            assert_eq!(planned.engine.vocab_size(), vocab);
+            assert_same(&logits(&planned, &tokens), &logits(&direct, &tokens), &what);
+            // The kernels are the recorded ones, not chosen again.
+            let (_, manifest) = bplan::read_manifest(&plan).unwrap();
+            let bound = planned.engine.executor().unwrap().ternary_bindings();
+            assert_eq!(bound, manifest.kernels, "{what}");
+            if kernels == KernelSet::Lut && !bound.is_empty() {
+                assert!(bound.iter().all(|b| b.gemv == "lut"), "{what}");
+            }
+            // The tokenizer and config come along.
+            assert_eq!(planned.config, direct.config, "{what}");
+            assert_eq!(
+                planned.tokenizer.is_some(),
+                direct.tokenizer.is_some(),
+                "{what}"
+            );
+        }
+    }
+    // The interpreter runs a plan too (with the re-encoded head it was compiled with).
+    let src = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let plan = compile_to(&src, dir.path(), &CompileOptions::default());
+    let tokens = ids(2048);
+    assert_same(
+        &logits(&open(&plan, Backend::Interpreter).unwrap(), &tokens),
+        &logits(&open(&src, Backend::Interpreter).unwrap(), &tokens),
+        "interpreter",
+    );
+}
+
+/// Rewrites a plan's manifest (and its checksum in the header) through `edit`.
+fn edit_manifest(plan: &Path, out: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut bytes = std::fs::read(plan).unwrap();
+    let off = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    let len = u64::from_le_bytes(bytes[24..32].try_into().unwrap()) as usize;
+    let mut m: serde_json::Value = serde_json::from_slice(&bytes[off..off + len]).unwrap();
+    edit(&mut m);
+    let mut json = serde_json::to_vec(&m).unwrap();
+    assert!(json.len() <= len, "the edit must not grow the manifest");
+    json.resize(len, b' ');
+    bytes[off..off + len].copy_from_slice(&json);
+    bytes[32..40].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&json).to_le_bytes());
+    std::fs::write(out, bytes).unwrap();
+}
+
+fn error_of(path: &Path, backend: Backend) -> String {
+    match open(path, backend) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn damaged_foreign_and_mismatched_plans_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let plan = compile_to(&src, dir.path(), &CompileOptions::default());
+    let good = std::fs::read(&plan).unwrap();
+    let best = || Backend::Compiled(exec(KernelSet::Best, None));
+    let bad = dir.path().join("bad.bplan");
+    let write = |b: &[u8]| std::fs::write(&bad, b).unwrap();
+    let image_off = u64::from_le_bytes(good[40..48].try_into().unwrap()) as usize;
+
+    // Truncated anywhere: in the header, in the manifest, in the weights.
+    for cut in [10, 100, 200, image_off + 50, good.len() - 1] {
+        write(&good[..cut]);
+        let e = error_of(&bad, best());
+        assert!(e.contains("bad.bplan"), "cut {cut}: {e}");
+        assert!(
+            e.contains("truncated") || e.contains("outside the file"),
+            "cut {cut}: {e}"
+        );
+    }
+    // One flipped byte in the manifest, in the weights.
+    for (at, what) in [(200, "manifest"), (good.len() - 100, "weights image")] {
+        let mut b = good.clone();
+        b[at] ^= 0x40;
+        write(&b);
+        let e = error_of(&bad, best());
+        assert!(e.contains(&format!("the {what}'s checksum")), "{e}");
+    }
+    // Another format version, another bitnetc.
+    let mut b = good.clone();
+    b[8] = 9;
+    write(&b);
+    let e = error_of(&bad, best());
+    assert!(
+        e.contains("plan format version 9") && e.contains("bitnetc compile"),
+        "{e}"
+    );
+    let mut b = good.clone();
+    b[64..70].copy_from_slice(b"9.9.9\0");
+    write(&b);
+    let e = error_of(&bad, best());
+    assert!(e.contains("compiled by bitnetc 9.9.9"), "{e}");
+    // Not a plan: a GGUF is read as one; random bytes with the magic are refused.
+    let mut b = good[..8].to_vec();
+    b.extend(std::iter::repeat_n(0xA5u8, 300));
+    write(&b);
+    let e = error_of(&bad, best());
+    assert!(e.contains("bad.bplan"), "{e}");
+    // A kernel this CPU cannot run (or that does not exist), a manifest that is not one.
+    edit_manifest(&plan, &bad, |m| {
+        m["kernels"][0]["gemv"] = "avx1024".into();
+    });
+    let e = error_of(&bad, best());
+    assert!(e.contains("unknown ternary kernel `avx1024`"), "{e}");
+    edit_manifest(&plan, &bad, |m| {
+        m["plan"] = serde_json::Value::Null;
+    });
+    let e = error_of(&bad, best());
+    assert!(e.contains("the manifest is not valid"), "{e}");
+    edit_manifest(&plan, &bad, |m| {
+        m["target"] = "gpu".into();
+    });
+    let e = error_of(&bad, best());
+    assert!(e.contains("compiled for target `gpu`"), "{e}");
+    // Options that a plan fixes at compile time.
+    let e = error_of(
+        &plan,
+        Backend::Compiled(exec(KernelSet::Best, Some(Encoding::Q8_0))),
+    );
+    assert!(e.contains("--lm-head is chosen at compile time"), "{e}");
+    let e = match load(
+        &plan,
+        LoadOptions {
+            lower: bitnetc::gguf::lower::LowerOptions {
+                kv_cache: bitnetc::ir::DType::F32,
+            },
+            ..LoadOptions::default()
+        },
+    ) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("compiled with a f16 KV cache"), "{e}");
+    // A plan is not compiled again.
+    let e = bplan::compile(
+        &plan,
+        &dir.path().join("again.bplan"),
+        &CompileOptions::default(),
+        |_, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("already a compiled plan"), "{e}");
+    // The good file still loads after all that.
+    open(&plan, best()).unwrap();
+}
