@@ -234,3 +234,154 @@ fn damaged_foreign_and_mismatched_plans_are_refused() {
     // The good file still loads after all that.
     open(&plan, best()).unwrap();
 }
+
+/// The committed corpus of damaged plan headers and manifests (`tests/fixtures/malformed-bplan`,
+/// written by `regenerate_malformed_corpus`): each gives its own error, naming the file.
+#[test]
+fn corpus_files_give_their_own_errors() {
+    let dir = fixture("malformed-bplan");
+    let expected = std::fs::read_to_string(dir.join("expected.tsv")).unwrap();
+    let mut seen = 0;
+    for line in expected
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, message) = line.split_once('\t').unwrap();
+        let path = dir.join(name);
+        assert!(bplan::is_plan(&path), "{name} starts with the magic");
+        let e = error_of(&path, Backend::Compiled(exec(KernelSet::Best, None)));
+        assert!(e.starts_with(&path.display().to_string()), "{name}: {e}");
+        assert!(e.contains(message), "{name}: {e}");
+        let r = bplan::read_manifest(&path);
+        assert!(r.is_err(), "{name}");
+        seen += 1;
+    }
+    let on_disk = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "bplan")
+        })
+        .count();
+    assert_eq!(seen, on_disk, "every corpus file is listed in expected.tsv");
+    assert!(seen >= 10, "{seen}");
+}
+
+/// Writes the corpus above: `cargo test -p bitnetc-tests --test bplan -- --ignored`.
+#[test]
+#[ignore = "writes tests/fixtures/malformed-bplan"]
+fn regenerate_malformed_corpus() {
+    let dir = bitnetc_tests::repo_root().join("tests/fixtures/malformed-bplan");
+    std::fs::create_dir_all(&dir).unwrap();
+    let header = |version: u32, hsize: u32, manifest: (u64, u64, &[u8]), image: (u64, u64)| {
+        let mut b = vec![0u8; 128];
+        b[0..8].copy_from_slice(bplan::MAGIC);
+        b[8..12].copy_from_slice(&version.to_le_bytes());
+        b[12..16].copy_from_slice(&hsize.to_le_bytes());
+        let sum = xxhash_rust::xxh3::xxh3_64(manifest.2);
+        for (i, v) in [manifest.0, manifest.1, sum, image.0, image.1, 0]
+            .iter()
+            .enumerate()
+        {
+            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        b[64..69].copy_from_slice(
+            env!("CARGO_PKG_VERSION")
+                .as_bytes()
+                .get(..5)
+                .unwrap_or(b"0.1.0"),
+        );
+        b.extend_from_slice(manifest.2);
+        b
+    };
+    let json = |s: &[u8]| (128u64, s.len() as u64, s.to_vec());
+    let file = |m: (u64, u64, Vec<u8>), image: (u64, u64), version: u32, hsize: u32| {
+        let mut b = header(version, hsize, (m.0, m.1, &m.2), image);
+        // Room for the image the header points at, when it is inside the file.
+        b.resize(b.len().max(4096 + 64), 0);
+        b
+    };
+    let ok_json = json(b"{}");
+    let mut files: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "magic-only.bplan",
+            bplan::MAGIC.to_vec(),
+            "a plan header alone is 128",
+        ),
+        (
+            "version-2.bplan",
+            file(ok_json.clone(), (4096, 64), 2, 128),
+            "plan format version 2",
+        ),
+        (
+            "header-size.bplan",
+            file(ok_json.clone(), (4096, 64), 1, 64),
+            "header size 64",
+        ),
+        (
+            "manifest-past-end.bplan",
+            file((128, 1 << 40, b"{}".to_vec()), (4096, 64), 1, 128),
+            "the manifest at bytes 128..+1099511627776 is outside the file",
+        ),
+        (
+            "manifest-in-header.bplan",
+            file((8, 2, b"{}".to_vec()), (4096, 64), 1, 128),
+            "the manifest at bytes 8..+2 is outside the file",
+        ),
+        (
+            "image-past-end.bplan",
+            file(ok_json.clone(), (4096, 1 << 20), 1, 128),
+            "the weights image at bytes 4096..+1048576 is outside the file",
+        ),
+        (
+            "image-offset-overflow.bplan",
+            file(ok_json.clone(), (u64::MAX - 10, 64), 1, 128),
+            "the weights image at bytes 18446744073709551605..+64 is outside the file",
+        ),
+        (
+            "image-misaligned.bplan",
+            file(ok_json.clone(), (1000, 64), 1, 128),
+            "the weights image offset 1000 is not a multiple of 4096",
+        ),
+        (
+            "manifest-not-json.bplan",
+            file(json(b"{\"bitnet"), (4096, 64), 1, 128),
+            "the manifest is not valid: EOF while parsing",
+        ),
+        (
+            "manifest-wrong-shape.bplan",
+            file(json(b"{\"target\": \"cpu\"}"), (4096, 64), 1, 128),
+            "the manifest is not valid: missing field",
+        ),
+        (
+            "manifest-wrong-type.bplan",
+            file(json(b"{\"bitnetc_version\": 7}"), (4096, 64), 1, 128),
+            "the manifest is not valid: invalid type: integer `7`",
+        ),
+    ];
+    let mut bad_sum = file(ok_json.clone(), (4096, 64), 1, 128);
+    bad_sum[128] = b'[';
+    files.push((
+        "manifest-checksum.bplan",
+        bad_sum,
+        "the manifest's checksum does not match",
+    ));
+    let mut bad_utf8 = file(ok_json, (4096, 64), 1, 128);
+    bad_utf8[64] = 0xff;
+    files.push((
+        "version-not-utf8.bplan",
+        bad_utf8,
+        "the bitnetc version field is not UTF-8",
+    ));
+    let mut tsv = String::from(
+        "# file\tpart of the error message; written by `cargo test -p bitnetc-tests --test bplan -- --ignored`\n",
+    );
+    for (name, bytes, message) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+        tsv.push_str(&format!("{name}\t{message}\n"));
+    }
+    std::fs::write(dir.join("expected.tsv"), tsv).unwrap();
+}
