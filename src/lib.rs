@@ -4,8 +4,13 @@
 //! lowers them to the IR, [`ir`] holds the IR, the weight encodings and the reference
 //! interpreter, [`runtime`] runs models. [`load`] opens a GGUF model ready to run.
 
+pub mod api;
 pub mod bplan;
 pub mod npy;
+
+pub use api::{Engine, Metrics, Session, Stream};
+pub use runtime::generate::{FinishReason, GenerateOptions, Token};
+pub use runtime::sampling::SamplingParams;
 
 pub use bitnetc_codegen_cpu as codegen;
 pub use bitnetc_frontend_gguf as gguf;
@@ -15,10 +20,11 @@ pub use bitnetc_runtime as runtime;
 
 use gguf::lower::{LowerOptions, lower};
 use gguf::{GgufError, GgufFile, ModelConfig, TokenizerMeta};
+use runtime::RuntimeError;
 use runtime::tokenizer::Tokenizer;
-use runtime::{Engine, RuntimeError};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Any error of loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +42,74 @@ pub enum Error {
     /// A compiled plan that cannot be written or used.
     #[error("{0}")]
     Plan(String),
+}
+
+/// Where a failure happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Opening and validating the model file.
+    Read,
+    /// Reading the model's configuration and lowering it to the IR.
+    Lower,
+    /// The optimization passes.
+    Optimize,
+    /// Binding the plan to kernels for this CPU.
+    Compile,
+    /// Writing or reading a compiled plan.
+    Plan,
+    /// The tokenizer.
+    Tokenize,
+    /// Evaluating tokens.
+    Run,
+}
+
+impl Error {
+    /// The stage that failed.
+    pub fn stage(&self) -> Stage {
+        use runtime::exec::ExecError;
+        match self {
+            Error::Gguf(GgufError::Io { .. } | GgufError::Parse { .. }) => Stage::Read,
+            Error::Gguf(_) => Stage::Lower,
+            Error::Passes(_) => Stage::Optimize,
+            Error::Plan(_) => Stage::Plan,
+            Error::NoTokenizer(_) | Error::Tokenizer(_) => Stage::Tokenize,
+            Error::Runtime(RuntimeError::Exec(ExecError::Run(_)))
+            | Error::Runtime(RuntimeError::Interp(_))
+            | Error::Runtime(RuntimeError::Empty)
+            | Error::Runtime(RuntimeError::ContextFull { .. }) => Stage::Run,
+            Error::Runtime(_) => Stage::Compile,
+        }
+    }
+
+    /// What would most likely fix it, when something would.
+    pub fn fix(&self) -> Option<String> {
+        use runtime::exec::ExecError;
+        Some(match self {
+            Error::Gguf(GgufError::Io { .. }) => {
+                "check the path and that the file is readable".into()
+            }
+            Error::Gguf(GgufError::Parse { .. }) => {
+                "the file is damaged or not a GGUF model: download or convert it again".into()
+            }
+            Error::Gguf(_) => {
+                "the model is not one bitnetc runs (see `bitnetc inspect FILE`)".into()
+            }
+            Error::Passes(_) => {
+                "name passes from `bitnetc compile --help`, or leave them out".into()
+            }
+            Error::Plan(m) if m.contains("compile") => return None,
+            Error::Plan(_) => "compile the model again with `bitnetc compile MODEL -o PLAN`".into(),
+            Error::NoTokenizer(_) => "give token ids instead of text".into(),
+            Error::Runtime(RuntimeError::ContextFull { .. }) => {
+                "load with a larger context (`-c`, LoadOptions::context) or shorten the prompt"
+                    .into()
+            }
+            Error::Runtime(RuntimeError::Exec(ExecError::Jit(_))) => {
+                "use the portable kernels (`--kernels baseline`, KernelSet::Baseline)".into()
+            }
+            _ => return None,
+        })
+    }
 }
 
 /// What evaluates the plan.
@@ -71,9 +145,13 @@ pub struct LoadOptions {
 pub struct Model {
     pub file: Arc<GgufFile>,
     pub config: ModelConfig,
-    pub engine: Engine,
+    pub engine: runtime::Engine,
     /// `None` when the file has no tokenizer.
     pub tokenizer: Option<Tokenizer>,
+    /// Opening, lowering and optimizing (or reading a compiled plan), without `compile_time`.
+    pub load_time: Duration,
+    /// Binding the plan to kernels for this host: choosing, generating and re-encoding.
+    pub compile_time: Duration,
 }
 
 impl Model {
@@ -88,9 +166,17 @@ impl Model {
 /// Opens a model ready to run: a GGUF model (validated, lowered, optimized and bound to
 /// kernels chosen for this host) or a compiled plan ([`bplan`]).
 pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
-    if bplan::is_plan(path) {
-        return bplan::load(path, opts);
-    }
+    let started = Instant::now();
+    let mut model = if bplan::is_plan(path) {
+        bplan::load(path, opts)?
+    } else {
+        load_gguf(path, opts)?
+    };
+    model.load_time = started.elapsed().saturating_sub(model.compile_time);
+    Ok(model)
+}
+
+fn load_gguf(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     let file = Arc::new(GgufFile::open(path)?);
     let config = ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let mut graph = lower(&file, &config, &opts.lower)?;
@@ -124,10 +210,12 @@ fn bind(
     pre_tokenizer: Option<&str>,
 ) -> Result<Model, Error> {
     let context = context.unwrap_or(config.context_length as usize);
+    let compiling = Instant::now();
     let engine = match backend {
-        Backend::Compiled(exec) => Engine::compiled(plan, file.clone(), context, exec)?,
-        Backend::Interpreter => Engine::new(plan, file.clone(), context)?,
+        Backend::Compiled(exec) => runtime::Engine::compiled(plan, file.clone(), context, exec)?,
+        Backend::Interpreter => runtime::Engine::new(plan, file.clone(), context)?,
     };
+    let compile_time = compiling.elapsed();
     let meta = TokenizerMeta::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let tokenizer = match meta {
         Some(meta) => {
@@ -143,5 +231,7 @@ fn bind(
         config,
         engine,
         tokenizer,
+        load_time: Duration::ZERO,
+        compile_time,
     })
 }

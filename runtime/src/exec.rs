@@ -563,6 +563,24 @@ impl Executor {
         })
     }
 
+    /// Bytes of KV cache per position (every layer's keys and values).
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        self.kv
+            .iter()
+            .map(|l| (2 * l.g * l.d * if l.f16 { 2 } else { 4 }) as u64)
+            .sum()
+    }
+
+    /// Bytes of a session's step arena (room for a whole batch).
+    pub fn arena_bytes(&self) -> u64 {
+        (self.per_token * self.batch) as u64
+    }
+
+    /// Bytes of weights the executor made itself (a re-encoded head, repacked weights).
+    pub fn owned_weight_bytes(&self) -> u64 {
+        self._owned.0.iter().map(|v| v.len() as u64).sum()
+    }
+
     /// The kernels bound per ternary weight shape, by name.
     pub fn ternary_bindings(&self) -> Vec<TernaryBinding> {
         self.choices
