@@ -527,6 +527,8 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
             "corrupted: the weights image's checksum does not match",
         ));
     }
+    // The checksum read every page; keep resident only what the model reads.
+    file.release_all();
     let file = Arc::new(file);
     let config = ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let backend = match opts.backend {

@@ -1037,6 +1037,20 @@ impl GgufFile {
         &self.path
     }
 
+    /// A hint that the mapped pages may leave memory now (they come back, from the page cache
+    /// or the file, when read): after a pass over the whole file, such as a checksum, so that
+    /// only what the model reads stays resident.
+    pub fn release_all(&self) {
+        #[cfg(unix)]
+        if let Backing::Mapped(map, _) = &self.backing {
+            // SAFETY: a read-only shared file mapping: dropped pages are read back from the
+            // file on the next access, with the same contents. A failure only keeps them.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, map.len())
+            };
+        }
+    }
+
     /// The whole GGUF image, as mapped.
     pub fn bytes(&self) -> &[u8] {
         self.backing.bytes()
