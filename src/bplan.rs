@@ -1,8 +1,9 @@
 //! Compiled plans (`.bplan`): a model lowered, optimized and bound to kernels once, loaded by
 //! mapping it.
 //!
-//! A file is a 128-byte header, a JSON manifest, and a GGUF image of the weights at a 4096-byte
-//! boundary (so that tensor alignment holds in the mapping):
+//! A file is a 128-byte header, a GGUF image of the weights at byte 4096 (so that tensor
+//! alignment holds in the mapping), the weights that kernels read in their own layouts (each at
+//! a 4096-byte boundary), and a JSON manifest at the end:
 //!
 //! | bytes | field |
 //! |---|---|
@@ -14,8 +15,9 @@
 //! | 64..96 | the writing bitnetc's version, UTF-8, zero-padded |
 //!
 //! The manifest ([`Manifest`]) holds the plan after the passes, the kernels bound per weight
-//! shape, the CPU features they need, the passes run, the source model's name, size and
-//! checksum, and the tokenizer and chat template. The image holds the source's metadata and
+//! shape, the host's CPU features, the passes run, the source model's name, size and checksum,
+//! the tokenizer and chat template, and where each weight in a kernel's layout lies, with its
+//! checksum. The image holds the source's metadata and
 //! tensors, plus tensors the compiler made (a re-encoded output projection), so that loading
 //! reads no model file, runs no pass and times no kernel.
 
@@ -24,10 +26,12 @@ use bitnetc_frontend_gguf::lower::LowerOptions;
 use gguf::writer::{GgufWriter, Value, write_atomic};
 use gguf::{GgufFile, ModelConfig};
 use ir::encoding::Encoding;
+use ir::interp::{WeightRef, WeightSource};
 use ir::plan::{Plan, Storage};
 use ir::types::DType;
 use runtime::exec::{ExecOptions, TernaryBinding};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
@@ -64,7 +68,21 @@ pub struct Manifest {
     /// `tokenizer.ggml.model`, when the model has a tokenizer.
     pub tokenizer: Option<String>,
     pub chat_template: Option<String>,
+    /// Weights stored in a kernel's layout besides the image.
+    pub packed: Vec<Packed>,
     pub plan: Plan,
+}
+
+/// One weight in a kernel's layout, stored after the image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Packed {
+    pub name: String,
+    /// E.g. `lut16`: the table-lookup kernel's groups of 16 rows.
+    pub layout: String,
+    /// Where in the file, and how many bytes.
+    pub offset: u64,
+    pub bytes: u64,
+    pub xxh3: u64,
 }
 
 /// The model file a plan was compiled from.
@@ -388,9 +406,9 @@ pub fn compile(
             .ok()
             .flatten()
             .map(String::from),
+        packed: Vec::new(),
         plan,
     };
-    let json = serde_json::to_vec(&manifest).map_err(|e| Error::Plan(e.to_string()))?;
 
     let mut writer = GgufWriter::new();
     for (k, v) in file.metadata() {
@@ -408,13 +426,13 @@ pub fn compile(
     for (name, dims, enc, _) in &extra {
         writer.add_tensor(name, dims, *enc).map_err(io)?;
     }
-    let total: u64 = writer.tensors().iter().map(|t| t.nbytes).sum();
-    let image_off = (HEADER_BYTES as u64 + json.len() as u64).next_multiple_of(IMAGE_ALIGN);
+    let packed = executor.packed_weights();
+    let total: u64 = writer.tensors().iter().map(|t| t.nbytes).sum::<u64>()
+        + packed.iter().map(|p| p.2.len() as u64).sum::<u64>();
+    let image_off = IMAGE_ALIGN;
+    let mut manifest = manifest;
     let bytes = write_atomic(out, |w| {
-        w.write_all(&[0u8; HEADER_BYTES])?;
-        w.write_all(&json)?;
-        let pad = image_off as usize - HEADER_BYTES - json.len();
-        w.write_all(&vec![0u8; pad])?;
+        w.write_all(&[0u8; IMAGE_ALIGN as usize])?;
         let mut hashing = Hashing {
             w: &mut *w,
             h: Xxh3::new(),
@@ -440,9 +458,31 @@ pub fn compile(
         }
         let hashing = stream.finish()?;
         let (image_len, image_sum) = (hashing.n, hashing.h.digest());
+        // Weights in the kernels' own layouts, each at a 4096-byte boundary.
+        let mut at = image_off + image_len;
+        for (name, layout, bytes) in &packed {
+            let pad = at.next_multiple_of(IMAGE_ALIGN) - at;
+            w.write_all(&vec![0u8; pad as usize])?;
+            at += pad;
+            for piece in bytes.chunks(64 << 20) {
+                w.write_all(piece)?;
+                done += piece.len() as u64;
+                progress(done, total);
+            }
+            manifest.packed.push(Packed {
+                name: name.clone(),
+                layout: layout.to_string(),
+                offset: at,
+                bytes: bytes.len() as u64,
+                xxh3: xxh3_64(bytes),
+            });
+            at += bytes.len() as u64;
+        }
+        let json = serde_json::to_vec(&manifest).map_err(std::io::Error::other)?;
+        w.write_all(&json)?;
         let header = Header {
             format_version: FORMAT_VERSION,
-            manifest: (HEADER_BYTES as u64, json.len() as u64, xxh3_64(&json)),
+            manifest: (at, json.len() as u64, xxh3_64(&json)),
             image: (image_off, image_len, image_sum),
             bitnetc_version: env!("CARGO_PKG_VERSION").into(),
         };
@@ -530,6 +570,7 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     // The checksum read every page; keep resident only what the model reads.
     file.release_all();
     let file = Arc::new(file);
+    let weights = Arc::new(PlanWeights::open(path, file.clone(), &manifest.packed)?);
     let config = ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let backend = match opts.backend {
         Backend::Compiled(exec) => {
@@ -548,12 +589,90 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     };
     crate::bind(
         file,
+        weights,
         config,
         manifest.plan,
         &backend,
         opts.context,
         opts.pre_tokenizer.as_deref(),
     )
+}
+
+/// A plan's weights: the GGUF image, and the weights stored in kernels' layouts.
+struct PlanWeights {
+    image: Arc<GgufFile>,
+    /// The whole file (the packed weights lie after the image).
+    map: Option<memmap2::Mmap>,
+    packed: HashMap<(String, String), std::ops::Range<usize>>,
+}
+
+impl PlanWeights {
+    fn open(path: &Path, image: Arc<GgufFile>, packed: &[Packed]) -> Result<PlanWeights, Error> {
+        if packed.is_empty() {
+            return Ok(PlanWeights {
+                image,
+                map: None,
+                packed: HashMap::new(),
+            });
+        }
+        let io = |e: std::io::Error| invalid(path, e);
+        let f = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: read-only; as with every mapped model, the file must not be truncated while
+        // it is open.
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
+        let mut ranges = HashMap::new();
+        for p in packed {
+            let range = p
+                .offset
+                .checked_add(p.bytes)
+                .filter(|&end| end <= map.len() as u64)
+                .map(|end| p.offset as usize..end as usize)
+                .ok_or_else(|| {
+                    invalid(
+                        path,
+                        format!(
+                            "truncated or corrupted: the {} weights of {} at bytes {}..+{} are \
+                             outside the file",
+                            p.layout, p.name, p.offset, p.bytes
+                        ),
+                    )
+                })?;
+            if xxh3_64(&map[range.clone()]) != p.xxh3 {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "corrupted: the checksum of the {} weights of {} does not match",
+                        p.layout, p.name
+                    ),
+                ));
+            }
+            ranges.insert((p.name.clone(), p.layout.clone()), range);
+        }
+        #[cfg(unix)]
+        // SAFETY: a read-only shared file mapping: dropped pages are read back on access.
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, map.len()) };
+        Ok(PlanWeights {
+            image,
+            map: Some(map),
+            packed: ranges,
+        })
+    }
+}
+
+impl WeightSource for PlanWeights {
+    fn weight(&self, name: &str) -> Option<WeightRef<'_>> {
+        self.image.weight(name)
+    }
+
+    fn release(&self, name: &str) {
+        self.image.release(name)
+    }
+
+    fn packed(&self, name: &str, layout: &str) -> Option<&[u8]> {
+        let r = self.packed.get(&(name.to_string(), layout.to_string()))?;
+        Some(&self.map.as_ref()?[r.clone()])
+    }
 }
 
 /// The plan's path for messages.

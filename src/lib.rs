@@ -191,6 +191,7 @@ fn load_gguf(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     manager.run(&mut graph, |_| {})?;
     let (plan, _) = passes::memory::plan(&graph).map_err(RuntimeError::from)?;
     bind(
+        file.clone(),
         file,
         config,
         plan,
@@ -203,6 +204,7 @@ fn load_gguf(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
 /// Binds a planned model to an engine and reads its tokenizer.
 fn bind(
     file: Arc<GgufFile>,
+    weights: Arc<dyn ir::interp::WeightSource + Send + Sync>,
     config: ModelConfig,
     plan: ir::plan::Plan,
     backend: &Backend,
@@ -212,8 +214,8 @@ fn bind(
     let context = context.unwrap_or(config.context_length as usize);
     let compiling = Instant::now();
     let engine = match backend {
-        Backend::Compiled(exec) => runtime::Engine::compiled(plan, file.clone(), context, exec)?,
-        Backend::Interpreter => runtime::Engine::new(plan, file.clone(), context)?,
+        Backend::Compiled(exec) => runtime::Engine::compiled(plan, weights, context, exec)?,
+        Backend::Interpreter => runtime::Engine::new(plan, weights, context)?,
     };
     let compile_time = compiling.elapsed();
     let meta = TokenizerMeta::from_gguf(&file).map_err(|e| file.model_error(e))?;

@@ -93,6 +93,15 @@ fn every_fixture_runs_the_same_through_its_plan() {
             assert_eq!(bound, manifest.kernels, "{what}");
             if kernels == KernelSet::Lut && !bound.is_empty() {
                 assert!(bound.iter().all(|b| b.gemv == "lut"), "{what}");
+                // Stored repacked: loading repacks nothing.
+                assert!(!manifest.packed.is_empty(), "{what}");
+                assert!(
+                    manifest.packed.iter().all(|p| p.layout == "lut16"),
+                    "{what}"
+                );
+                let exec = planned.engine.executor().unwrap();
+                assert_eq!(exec.owned_weight_bytes(), 0, "{what}");
+                assert!(direct.engine.executor().unwrap().owned_weight_bytes() > 0);
             }
             // The tokenizer and config come along.
             assert_eq!(planned.config, direct.config, "{what}");
@@ -145,10 +154,18 @@ fn damaged_foreign_and_mismatched_plans_are_refused() {
     let best = || Backend::Compiled(exec(KernelSet::Best, None));
     let bad = dir.path().join("bad.bplan");
     let write = |b: &[u8]| std::fs::write(&bad, b).unwrap();
-    let image_off = u64::from_le_bytes(good[40..48].try_into().unwrap()) as usize;
+    let field = |i: usize| u64::from_le_bytes(good[i..i + 8].try_into().unwrap()) as usize;
+    let (manifest_off, image_off, image_len) = (field(16), field(40), field(48));
 
     // Truncated anywhere: in the header, in the manifest, in the weights.
-    for cut in [10, 100, 200, image_off + 50, good.len() - 1] {
+    for cut in [
+        10,
+        100,
+        200,
+        image_off + 50,
+        manifest_off + 5,
+        good.len() - 1,
+    ] {
         write(&good[..cut]);
         let e = error_of(&bad, best());
         assert!(e.contains("bad.bplan"), "cut {cut}: {e}");
@@ -158,7 +175,10 @@ fn damaged_foreign_and_mismatched_plans_are_refused() {
         );
     }
     // One flipped byte in the manifest, in the weights.
-    for (at, what) in [(200, "manifest"), (good.len() - 100, "weights image")] {
+    for (at, what) in [
+        (manifest_off + 10, "manifest"),
+        (image_off + image_len - 100, "weights image"),
+    ] {
         let mut b = good.clone();
         b[at] ^= 0x40;
         write(&b);
@@ -231,6 +251,25 @@ fn damaged_foreign_and_mismatched_plans_are_refused() {
     .unwrap()
     .to_string();
     assert!(e.contains("already a compiled plan"), "{e}");
+    // Damaged weights in a kernel's layout.
+    let lut = CompileOptions {
+        exec: exec(KernelSet::Lut, None),
+        ..CompileOptions::default()
+    };
+    std::fs::create_dir_all(dir.path().join("lut")).unwrap();
+    let lut_plan = compile_to(&src, &dir.path().join("lut"), &lut);
+    let (_, m) = bplan::read_manifest(&lut_plan).unwrap();
+    let mut b = std::fs::read(&lut_plan).unwrap();
+    b[m.packed[0].offset as usize + 5] ^= 1;
+    write(&b);
+    let e = error_of(&bad, best());
+    assert!(
+        e.contains(&format!(
+            "the checksum of the lut16 weights of {}",
+            m.packed[0].name
+        )),
+        "{e}"
+    );
     // The good file still loads after all that.
     open(&plan, best()).unwrap();
 }

@@ -28,6 +28,12 @@ pub trait WeightSource {
     /// A hint that the weight will rarely be read from now on (the runtime made its own copy
     /// of it): its pages may leave memory, and come back if read. Does nothing by default.
     fn release(&self, _name: &str) {}
+
+    /// The weight `name` already in a kernel's `layout` (a compiled plan stores the layouts
+    /// its kernels read), when the source has it.
+    fn packed(&self, _name: &str, _layout: &str) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// A dense tensor.

@@ -327,7 +327,12 @@ pub struct Executor {
     _owned: (Vec<Vec<u8>>, Vec<Box<[u64; 2]>>),
     /// The head's weight buffer and its re-encoded parts (`lm_head`).
     reencoded_head: Option<HeadParts>,
+    /// Weights in a kernel's layout: name, layout, bytes.
+    packed: Vec<(String, &'static str, Bytes)>,
 }
+
+/// The layout of weights read by the table-lookup ternary kernel ([`lut::repack`]).
+pub const LUT_LAYOUT: &str = "lut16";
 
 type HeadParts = (usize, BufferId, Vec<(String, Encoding, [u64; 2], Bytes)>);
 
@@ -511,6 +516,7 @@ impl Executor {
             lm_head: opts.lm_head,
             bindings: opts.bindings.clone(),
             head: None,
+            packed: Vec::new(),
             owned: Vec::new(),
             owned_shapes: Vec::new(),
         };
@@ -540,6 +546,7 @@ impl Executor {
             owned,
             owned_shapes,
             head: reencoded_head,
+            packed,
             ..
         } = b;
         Ok(Executor {
@@ -560,6 +567,7 @@ impl Executor {
             _weights: weights,
             _owned: (owned, owned_shapes),
             reencoded_head,
+            packed,
         })
     }
 
@@ -590,6 +598,18 @@ impl Executor {
                 n: c.n,
                 gemv: c.gemv.name(),
                 gemm: c.gemm.name(),
+            })
+            .collect()
+    }
+
+    /// Weights the executor reads in a kernel's own layout: (name, layout, bytes).
+    pub fn packed_weights(&self) -> Vec<(String, &'static str, &[u8])> {
+        self.packed
+            .iter()
+            .map(|(name, layout, b)| {
+                // SAFETY: owned by the executor or its weight source, both immutable.
+                let bytes = unsafe { std::slice::from_raw_parts(b.ptr, b.len) };
+                (name.clone(), *layout, bytes)
             })
             .collect()
     }
@@ -1764,6 +1784,7 @@ struct Builder<'p> {
     lm_head: Option<Encoding>,
     bindings: Option<Vec<TernaryBinding>>,
     head: Option<HeadParts>,
+    packed: Vec<(String, &'static str, Bytes)>,
     /// Weights the executor made itself (a requantized head), kept alive with it.
     owned: Vec<Vec<u8>>,
     #[allow(clippy::vec_box)]
@@ -2053,15 +2074,32 @@ impl<'p> Builder<'p> {
                 }
                 let choice = self.choice(k, n)?;
                 if self.choices[choice].lut().is_some() {
-                    // The table-lookup kernel reads groups of 16 rows side by side: repack,
-                    // and let the originals' pages go.
+                    // The table-lookup kernel reads groups of 16 rows side by side: take them
+                    // from the source (a compiled plan has them) or repack, and let the
+                    // originals' pages go.
                     for ((name, w), p) in parts.iter().zip(&mut ps) {
                         let rows = p.1;
-                        let mut rep = vec![0u8; lut::repacked_bytes(rows, k)];
-                        lut::repack(&w.bytes[..rows * k / 4], rows, k, &mut rep);
+                        let size = lut::repacked_bytes(rows, k);
+                        if let Some(b) = self.src.packed(name, LUT_LAYOUT) {
+                            if b.len() != size {
+                                return Err(ExecError::Weight {
+                                    name: name.clone(),
+                                    message: format!(
+                                        "its {LUT_LAYOUT} layout has {} bytes, expected {size}",
+                                        b.len()
+                                    ),
+                                });
+                            }
+                            p.0 = Bytes::of(b);
+                        } else {
+                            let mut rep = vec![0u8; size];
+                            lut::repack(&w.bytes[..rows * k / 4], rows, k, &mut rep);
+                            self.owned.push(rep);
+                            p.0 = Bytes::of(self.owned.last().expect("just pushed"));
+                        }
                         self.src.release(name);
-                        self.owned.push(rep);
-                        p.0 = Bytes::of(self.owned.last().expect("just pushed"));
+                        self.packed
+                            .push((name.clone(), LUT_LAYOUT, Bytes { ..p.0 }));
                     }
                 }
                 (
