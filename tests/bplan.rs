@@ -130,10 +130,12 @@ fn edit_manifest(plan: &Path, out: &Path, edit: impl FnOnce(&mut serde_json::Val
     let len = u64::from_le_bytes(bytes[24..32].try_into().unwrap()) as usize;
     let mut m: serde_json::Value = serde_json::from_slice(&bytes[off..off + len]).unwrap();
     edit(&mut m);
-    let mut json = serde_json::to_vec(&m).unwrap();
-    assert!(json.len() <= len, "the edit must not grow the manifest");
-    json.resize(len, b' ');
-    bytes[off..off + len].copy_from_slice(&json);
+    let json = serde_json::to_vec(&m).unwrap();
+    // The manifest is the file's last part.
+    assert_eq!(off + len, bytes.len());
+    bytes.truncate(off);
+    bytes.extend_from_slice(&json);
+    bytes[24..32].copy_from_slice(&(json.len() as u64).to_le_bytes());
     bytes[32..40].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&json).to_le_bytes());
     std::fs::write(out, bytes).unwrap();
 }
