@@ -13,6 +13,7 @@ pub use runtime::generate::{FinishReason, GenerateOptions, Token};
 pub use runtime::sampling::SamplingParams;
 
 pub use bitnetc_codegen_cpu as codegen;
+pub use bitnetc_codegen_cuda as codegen_cuda;
 pub use bitnetc_frontend_gguf as gguf;
 pub use bitnetc_ir as ir;
 pub use bitnetc_passes as passes;

@@ -1,0 +1,69 @@
+//! NVRTC through cudarc, loaded at run time.
+
+use crate::CudaError;
+
+/// Whether the NVRTC library can be loaded (no panic when it cannot).
+pub fn available() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// The architectures this crate compiles for by name (NVRTC takes a `'static` string).
+const ARCHS: [&str; 10] = [
+    "sm_80",
+    "sm_86",
+    "sm_87",
+    "sm_89",
+    "sm_90",
+    "compute_80",
+    "compute_86",
+    "compute_89",
+    "compute_90",
+    "sm_100",
+];
+
+/// NVRTC's version, `(major, minor)`.
+pub fn version() -> Result<(i32, i32), CudaError> {
+    if !available() {
+        return Err(CudaError::NoNvrtc);
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present; the out-pointers are valid.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(CudaError::Compile {
+            arch: String::new(),
+            message: format!("nvrtcVersion: {r:?}"),
+        });
+    }
+    Ok((major, minor))
+}
+
+/// Compiles one module's CUDA C to PTX for `arch` (e.g. `sm_90`).
+pub fn compile_ptx(source: &str, arch: &str) -> Result<String, CudaError> {
+    if !available() {
+        return Err(CudaError::NoNvrtc);
+    }
+    let arch: &'static str = ARCHS
+        .iter()
+        .find(|a| **a == arch)
+        .ok_or_else(|| CudaError::Arch(arch.to_string()))?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| {
+        let message = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                log.to_string_lossy().into_owned()
+            }
+            other => format!("{other:?}"),
+        };
+        CudaError::Compile {
+            arch: arch.to_string(),
+            message,
+        }
+    })?;
+    Ok(ptx.to_src())
+}

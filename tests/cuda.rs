@@ -1,0 +1,130 @@
+//! CUDA code generation on real plans: every fixture model's and the 2B-4T shape's kernels
+//! render deterministically (the tiny I2_S model's module is a reviewed snapshot) and compile
+//! to PTX for sm_80 and sm_90 with NVRTC. NVRTC is loaded at run time: without it the PTX test
+//! says so and passes, unless `BITNETC_REQUIRE_NVRTC=1` (as in CI) makes its absence a failure.
+
+use bitnetc::codegen_cuda::plan::plan_kernels;
+use bitnetc::codegen_cuda::render::{KernelSpec, module};
+use bitnetc::gguf::synth::SynthSpec;
+use bitnetc::{Backend, LoadOptions, load};
+use bitnetc_tests::{TINY_MODELS, fixture};
+use std::path::Path;
+
+fn kernels(path: &Path) -> Result<Vec<KernelSpec>, String> {
+    let m = load(
+        path,
+        LoadOptions {
+            backend: Backend::Interpreter,
+            context: Some(16),
+            ..LoadOptions::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    plan_kernels(m.engine.plan()).map_err(|e| e.to_string())
+}
+
+/// The 2B-4T shape, planned from a sparse file with the real tensor table.
+fn kernels_2b() -> Vec<KernelSpec> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("2b.gguf");
+    SynthSpec::bitnet_2b_4t().write_shape_only(&path).unwrap();
+    kernels(&path).unwrap()
+}
+
+#[test]
+fn the_tiny_i2s_module_renders_as_reviewed() {
+    let k = kernels(&fixture("tiny/bitnetcpp-tiny-i2_s.gguf")).unwrap();
+    let names: Vec<String> = k.iter().map(KernelSpec::name).collect();
+    // Per layer: norm+quant and the fused QKV, rope ×2, KV append, attention, norm+quant and
+    // the output projection with its residual, norm+quant and gate/up with relu², norm+quant
+    // and down with its residual; then the head and argmax.
+    for name in [
+        "norm_quant_k256_e3727c5ac",
+        "ternary_k256_n384",
+        "rope_neox_h8_d32_r32_t48f42400",
+        "kv_append_f16_g2_d32",
+        "attention_f16_h8_g2_d32_s3e3504f3",
+        "ternary_k256_n256_res",
+        "ternary_k256_n1536_glu_relu2",
+        "norm_quant_k768_e3727c5ac",
+        "ternary_k768_n256_res",
+        "f16_rows_k256_n2048",
+    ] {
+        assert!(names.iter().any(|n| n == name), "{name}: {names:?}");
+    }
+    assert_eq!(names.last().unwrap(), "argmax_v2048");
+    let source = module(&k);
+    assert_eq!(source, module(&k), "rendering is deterministic");
+    insta::assert_snapshot!("tiny_i2s_module", source);
+}
+
+#[test]
+fn unsupported_steps_are_named() {
+    // TQ2_0 matrices have no CUDA kernel yet: the error names the step, the op and the format.
+    let e = kernels(&fixture("tiny/mainline-tiny-tq2_0.gguf")).unwrap_err();
+    assert!(
+        e.contains("(linear): no CUDA kernel for tq2_0 weights yet"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
+    use bitnetc::codegen_cuda::nvrtc;
+    let required = std::env::var("BITNETC_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+    if !nvrtc::available() {
+        assert!(
+            !required,
+            "BITNETC_REQUIRE_NVRTC=1 but libnvrtc.so cannot be loaded"
+        );
+        eprintln!("SKIPPING: NVRTC is not installed (see .ci/run for the wheel)");
+        return;
+    }
+    eprintln!("NVRTC {:?}", nvrtc::version().unwrap());
+    let mut modules = vec![("2B-4T shape".to_string(), module(&kernels_2b()))];
+    for rel in TINY_MODELS {
+        if let Ok(k) = kernels(&fixture(rel)) {
+            modules.push((rel.to_string(), module(&k)));
+        }
+    }
+    assert!(modules.len() >= 3, "{}", modules.len());
+    for (what, source) in &modules {
+        for arch in ["sm_80", "sm_90"] {
+            let ptx = nvrtc::compile_ptx(source, arch)
+                .unwrap_or_else(|e| panic!("{what} for {arch}: {e}"));
+            assert!(ptx.contains(&format!(".target {arch}")), "{what}");
+            // Every kernel is in the PTX under its own name.
+            for line in source
+                .lines()
+                .filter(|l| l.starts_with("extern \"C\" __global__ void "))
+            {
+                let name = line["extern \"C\" __global__ void ".len()..]
+                    .split('(')
+                    .next()
+                    .unwrap();
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "{what} {arch}: {name}"
+                );
+            }
+            // The ternary dot is dp4a.
+            if source.contains("ternary_row(w + ") {
+                assert!(ptx.contains("dp4a.s32.s32"), "{what} {arch}");
+            }
+        }
+    }
+    // An error in a kernel comes back with NVRTC's log.
+    let e = nvrtc::compile_ptx(
+        "extern \"C\" __global__ void k() { undefined_thing(); }",
+        "sm_80",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("undefined_thing"), "{e}");
+    assert!(
+        nvrtc::compile_ptx("", "sm_12")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown GPU architecture")
+    );
+}
