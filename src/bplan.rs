@@ -585,7 +585,7 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
                 ..exec
             })
         }
-        Backend::Interpreter => Backend::Interpreter,
+        other => other,
     };
     crate::bind(
         file,

@@ -120,6 +120,9 @@ pub enum Backend {
     Compiled(runtime::exec::ExecOptions),
     /// The reference interpreter (one thread; the ground truth the kernels are tested against).
     Interpreter,
+    /// An NVIDIA GPU (the `cuda` feature): kernels compiled by NVRTC for it, steps of at most
+    /// `batch` tokens, one session at a time.
+    Cuda { ordinal: usize, batch: usize },
 }
 
 impl Default for Backend {
@@ -217,6 +220,9 @@ fn bind(
     let engine = match backend {
         Backend::Compiled(exec) => runtime::Engine::compiled(plan, weights, context, exec)?,
         Backend::Interpreter => runtime::Engine::new(plan, weights, context)?,
+        Backend::Cuda { ordinal, batch } => {
+            runtime::Engine::cuda(plan, weights, context, *batch, *ordinal, None)?
+        }
     };
     let compile_time = compiling.elapsed();
     let meta = TokenizerMeta::from_gguf(&file).map_err(|e| file.model_error(e))?;

@@ -128,3 +128,71 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
             .contains("unknown GPU architecture")
     );
 }
+
+/// On a GPU: every fixture model the CUDA backend runs gives the CPU's logits within the
+/// stated tolerance, for a prefill and for decode steps. Float sums run in another order on
+/// the GPU (RMSNorm, f16 dots, softmax), and a last-bit change before the int8 quantization
+/// can move one activation by one step, so the bound is loose: max |Δ| ≤ 0.05 with logits of
+/// magnitude ~20, and the same argmax at ≥ 90% of positions. Skips without a CUDA driver.
+#[test]
+fn gpu_logits_match_the_cpu_within_tolerance() {
+    if !bitnetc::runtime::cuda::driver_available() {
+        eprintln!("SKIPPING: no CUDA driver");
+        return;
+    }
+    let tokens: Vec<u32> = (0..24u32).map(|i| (i * 613 + 7) % 2048).collect();
+    let mut ran = 0;
+    for rel in TINY_MODELS {
+        let path = fixture(rel);
+        let open = |backend| {
+            load(
+                &path,
+                LoadOptions {
+                    backend,
+                    context: Some(64),
+                    ..LoadOptions::default()
+                },
+            )
+        };
+        let gpu = match open(Backend::Cuda {
+            ordinal: 0,
+            batch: 16,
+        }) {
+            Ok(m) => m,
+            Err(e) if e.to_string().contains("no CUDA kernel") => {
+                eprintln!("{rel}: {e}");
+                continue;
+            }
+            Err(e) => panic!("{rel}: {e}"),
+        };
+        let cpu = open(Backend::default()).unwrap();
+        let run = |m: &bitnetc::Model| {
+            let mut s = m.engine.session();
+            let mut out = s.eval(&tokens[..20]).unwrap();
+            for &t in &tokens[20..] {
+                out.extend(s.eval(&[t]).unwrap());
+            }
+            out
+        };
+        let (g, c) = (run(&gpu), run(&cpu));
+        assert_eq!(g.len(), c.len(), "{rel}");
+        let vocab = cpu.engine.vocab_size();
+        let diff = g
+            .iter()
+            .zip(&c)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let argmax = |r: &[f32]| (0..r.len()).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap();
+        let agree = (0..tokens.len())
+            .filter(|&t| argmax(&g[t * vocab..][..vocab]) == argmax(&c[t * vocab..][..vocab]))
+            .count();
+        eprintln!(
+            "{rel} on {}: max |Δlogit| {diff}, argmax agrees at {agree}/{}",
+            gpu.engine.device().unwrap_or_default(),
+            tokens.len()
+        );
+        assert!(diff <= 0.05, "{rel}: {diff}");
+        assert!(agree * 10 >= tokens.len() * 9, "{rel}: {agree}");
+        ran += 1;
+    }
+    assert!(ran >= 2, "{ran}");
+}

@@ -2,7 +2,7 @@
 //! names the step and what has no CUDA kernel yet.
 
 use crate::CudaError;
-use crate::render::KernelSpec;
+use crate::render::{Broadcast, KernelSpec};
 use bitnetc_ir::encoding::Encoding;
 use bitnetc_ir::op::Op;
 use bitnetc_ir::plan::{BufferId, Plan};
@@ -122,12 +122,22 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
                 }
             }
             Op::Mul | Op::Add => {
-                let n = last(&shape(operand(0)?)?)?;
+                let a = shape(operand(0)?)?;
+                let n = last(&a)?;
                 let b = shape(operand(1)?)?;
+                let b = if b == a {
+                    Broadcast::Same
+                } else if b == [Dim::Fixed(1)] {
+                    Broadcast::Scalar
+                } else if b == [Dim::Fixed(n)] {
+                    Broadcast::Row
+                } else {
+                    return Err(unsupported(format!("operands of shapes {a:?} and {b:?}")));
+                };
                 out.push(KernelSpec::Binary {
                     add: matches!(step.op, Op::Add),
                     n,
-                    b_scalar: b == [Dim::Fixed(1)],
+                    b,
                 });
             }
             Op::Act { act } => out.push(KernelSpec::Act {

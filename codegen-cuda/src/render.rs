@@ -61,15 +61,24 @@ pub enum KernelSpec {
     /// dynamic shared memory `4·(pos0 + T)` bytes: causal grouped-query attention over an f16
     /// cache with ggml's roundings (q and the probabilities to f16) and softmax.
     AttentionF16 { h: u64, g: u64, d: u64, scale: f32 },
-    /// `(const float* a, const float* b, float* y)`; grid `⌈T·n/256⌉`, `b` of `n` or 1 values.
-    Binary { add: bool, n: u64, b_scalar: bool },
-    /// `(const float* x, float* y)`; grid `⌈T·n/256⌉`.
+    /// `(const float* a, const float* b, float* y, long total)`; grid `⌈T·n/256⌉`: `b` of `a`'s
+    /// shape, one row of `n` values, or one value.
+    Binary { add: bool, n: u64, b: Broadcast },
+    /// `(const float* x, float* y, long total)`; grid `⌈T·n/256⌉`.
     Act { act: Activation, n: u64 },
-    /// `(const float* x, float* y)`; grid `⌈T·cols/256⌉`: columns `col0..col0+cols` of rows of
-    /// `row` values.
+    /// `(const float* x, float* y, long total)`; grid `⌈T·cols/256⌉`: columns
+    /// `col0..col0+cols` of rows of `row` values.
     Columns { row: u64, col0: u64, cols: u64 },
     /// `(const float* logits, int* out)`; one block of 1024: the first index of the largest.
     Argmax { vocab: u64 },
+}
+
+/// How the second operand of a [`KernelSpec::Binary`] spreads over the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broadcast {
+    Same,
+    Row,
+    Scalar,
 }
 
 fn act_name(a: Activation) -> &'static str {
@@ -130,10 +139,14 @@ impl KernelSpec {
             KernelSpec::AttentionF16 { h, g, d, scale } => {
                 format!("attention_f16_h{h}_g{g}_d{d}_s{:08x}", scale.to_bits())
             }
-            KernelSpec::Binary { add, n, b_scalar } => format!(
+            KernelSpec::Binary { add, n, b } => format!(
                 "{}_n{n}{}",
                 if *add { "add" } else { "mul" },
-                if *b_scalar { "_scalar" } else { "" }
+                match b {
+                    Broadcast::Same => "",
+                    Broadcast::Row => "_row",
+                    Broadcast::Scalar => "_scalar",
+                }
             ),
             KernelSpec::Act { act, n } => format!("act_{}_n{n}", act_name(*act)),
             KernelSpec::Columns { row, col0, cols } => format!("columns_r{row}_c{col0}_n{cols}"),
@@ -350,17 +363,17 @@ impl KernelSpec {
                 group = h / g,
                 scale = float_lit(*scale)
             ),
-            KernelSpec::Binary { add, n, b_scalar } => format!(
+            KernelSpec::Binary { add, n, b } => format!(
                 r#"extern "C" __global__ void {name}(const float* a, const float* b, float* y, long total) {{
     const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) y[i] = a[i] {op} b[{bi}];
 }}
 "#,
                 op = if *add { "+" } else { "*" },
-                bi = if *b_scalar {
-                    "0".to_string()
-                } else {
-                    format!("i % {n}")
+                bi = match b {
+                    Broadcast::Same => "i".to_string(),
+                    Broadcast::Row => format!("i % {n}"),
+                    Broadcast::Scalar => "0".to_string(),
                 }
             ),
             KernelSpec::Act { act, .. } => format!(

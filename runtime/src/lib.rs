@@ -3,6 +3,8 @@
 //! decode with one). [`tokenizer`] turns text into tokens and back.
 
 pub mod chat;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod exec;
 pub mod generate;
 pub mod pool;
@@ -38,7 +40,17 @@ pub enum RuntimeError {
         capacity: usize,
         used: usize,
     },
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
+
+/// The GPU executor and the session whose sequence its KV cache holds.
+#[cfg(feature = "cuda")]
+type Gpu = std::sync::Mutex<(cuda::CudaExecutor, Option<u64>)>;
+#[cfg(not(feature = "cuda"))]
+type Gpu = ();
+
+static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A model ready to run: its plan, its weights, and the plan compiled for this host (or the
 /// reference interpreter).
@@ -48,6 +60,7 @@ pub struct Engine {
     vocab: usize,
     context: usize,
     exec: Option<Executor>,
+    gpu: Option<Gpu>,
 }
 
 impl Engine {
@@ -62,6 +75,41 @@ impl Engine {
         let mut engine = Engine::new(plan, weights, context)?;
         engine.exec = Some(Executor::new(&engine.plan, engine.weights.clone(), opts)?);
         Ok(engine)
+    }
+
+    /// Checks the plan and binds it to GPU `ordinal`: kernels compiled for it by NVRTC (or
+    /// from `ptx`), weights uploaded, a KV cache of `context` positions on the device, steps of
+    /// at most `batch` tokens. One session at a time holds the device's cache.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(
+        plan: Plan,
+        weights: Arc<dyn WeightSource + Send + Sync>,
+        context: usize,
+        batch: usize,
+        ordinal: usize,
+        ptx: Option<String>,
+    ) -> Result<Engine, RuntimeError> {
+        let mut engine = Engine::new(plan, weights, context)?;
+        let gpu = cuda::CudaExecutor::new(
+            &engine.plan,
+            engine.weights.as_ref(),
+            context,
+            batch.max(1),
+            ordinal,
+            ptx,
+        )
+        .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
+        engine.gpu = Some(std::sync::Mutex::new((gpu, None)));
+        Ok(engine)
+    }
+
+    /// The GPU's name and architecture, when the engine runs on one.
+    pub fn device(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Some(g.lock().unwrap_or_else(|e| e.into_inner()).0.device.clone());
+        }
+        None
     }
 
     /// Checks the plan and binds it to its weights, to run on the reference interpreter.
@@ -93,6 +141,7 @@ impl Engine {
             vocab,
             context,
             exec: None,
+            gpu: None,
         })
     }
 
@@ -117,10 +166,15 @@ impl Engine {
     pub fn session(&self) -> Session<'_> {
         Session {
             engine: self,
-            kv: KvCache::new(if self.exec.is_some() { 0 } else { self.context }),
+            kv: KvCache::new(if self.exec.is_some() || self.gpu.is_some() {
+                0
+            } else {
+                self.context
+            }),
             state: self.exec.as_ref().map(|e| e.state(self.context)),
             history: Vec::new(),
             arena: Vec::new(),
+            id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -132,11 +186,54 @@ pub struct Session<'e> {
     state: Option<exec::State>,
     history: Vec<u32>,
     arena: Vec<u8>,
+    /// This session's number (which session the GPU's cache holds).
+    id: u64,
 }
 
 impl Session<'_> {
+    /// Evaluates on the GPU, when the engine runs there.
+    #[cfg(feature = "cuda")]
+    fn eval_gpu(
+        &mut self,
+        tokens: &[u32],
+        rows: LogitRows,
+    ) -> Option<Result<Vec<f32>, RuntimeError>> {
+        let gpu = self.engine.gpu.as_ref()?;
+        Some((|| {
+            self.check_room(tokens.len())?;
+            let mut g = gpu.lock().unwrap_or_else(|e| e.into_inner());
+            if g.1 != Some(self.id) {
+                if !self.history.is_empty() {
+                    return Err(RuntimeError::Gpu(
+                        "another session has used the GPU's KV cache since this one: a GPU \
+                         engine runs one session at a time (reset this one to start over)"
+                            .into(),
+                    ));
+                }
+                g.1 = Some(self.id);
+            }
+            let out =
+                g.0.eval(tokens, self.history.len(), rows)
+                    .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
+            self.history.extend_from_slice(tokens);
+            Ok(out)
+        })())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn eval_gpu(
+        &mut self,
+        _tokens: &[u32],
+        _rows: LogitRows,
+    ) -> Option<Result<Vec<f32>, RuntimeError>> {
+        None
+    }
+
     /// Positions evaluated so far.
     pub fn position(&self) -> usize {
+        if self.engine.gpu.is_some() {
+            return self.history.len();
+        }
         match &self.state {
             Some(s) => s.len(),
             None => self.kv.len(),
@@ -145,6 +242,9 @@ impl Session<'_> {
 
     /// Positions the session's KV cache holds.
     pub fn capacity(&self) -> usize {
+        if self.engine.gpu.is_some() {
+            return self.engine.context;
+        }
         match &self.state {
             Some(s) => s.capacity(),
             None => self.kv.capacity(),
@@ -154,6 +254,9 @@ impl Session<'_> {
     /// Evaluates `tokens` like [`Session::eval`] and returns the last token's logits only
     /// (the output projection runs for that token alone, as in generation).
     pub fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        if let Some(r) = self.eval_gpu(tokens, LogitRows::Last) {
+            return r;
+        }
         if self.state.is_some() {
             self.check_room(tokens.len())?;
         }
@@ -189,6 +292,9 @@ impl Session<'_> {
     /// Evaluates `tokens` after the cached positions; returns their logits, `tokens.len()`
     /// rows of `vocab_size` values.
     pub fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        if let Some(r) = self.eval_gpu(tokens, LogitRows::All) {
+            return r;
+        }
         if self.state.is_some() {
             self.check_room(tokens.len())?;
         }

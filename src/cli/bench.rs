@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// generation test against its roofline: weight bytes per token ÷ bandwidth
     #[arg(long)]
     pub roofline: bool,
+    /// Where to run: `cpu` or `cuda` (the first NVIDIA GPU)
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: super::Device,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -78,6 +81,7 @@ struct Record {
     n_prompt: usize,
     n_gen: usize,
     samples_ns: Vec<u64>,
+    backend: &'static str,
 }
 
 impl Record {
@@ -151,6 +155,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 interp: false,
                 trace_kernels: a.trace_kernels,
                 lm_head: a.lm_head,
+                device: a.device,
             };
             let model = super::load(path, a.kv_cache, Some(context), None, &exec)?;
             let desc = bitnetc::gguf::describe::describe(&model.file, false);
@@ -204,6 +209,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     }
                 }
                 let r = Record {
+                    backend: if a.device == super::Device::Cuda {
+                        "CUDA"
+                    } else {
+                        "CPU"
+                    },
                     model_filename: path.display().to_string(),
                     model_type: model_type.clone(),
                     model_size: desc.totals.bytes,
@@ -225,7 +235,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                         r.model_type,
                         super::human_bytes(r.model_size),
                         super::human_count(r.model_n_params),
-                        "CPU",
+                        r.backend,
                         t,
                         r.test(),
                         format!("{mean:.2} ± {sd:.2}")
@@ -261,7 +271,7 @@ fn json_record(r: &Record) -> serde_json::Value {
     serde_json::json!({
         "build_commit": env!("CARGO_PKG_VERSION"),
         "cpu_info": cpu_name(),
-        "backends": "CPU",
+        "backends": r.backend,
         "model_filename": r.model_filename,
         "model_type": r.model_type,
         "model_size": r.model_size,

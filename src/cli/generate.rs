@@ -410,6 +410,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
             interp: true,
             trace_kernels: false,
             lm_head: None,
+            device: super::Device::Cpu,
         },
     )?;
     let tokenizer = model.tokenizer()?;

@@ -31,6 +31,16 @@ pub struct ExecArgs {
     /// changes the logits by llama.cpp's Q8_0 rounding)
     #[arg(long, value_enum, value_name = "TYPE")]
     pub lm_head: Option<LmHead>,
+    /// Where to run: `cpu`, or `cuda` (the first NVIDIA GPU; its kernels are compiled by
+    /// NVRTC at load time)
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -48,6 +58,21 @@ pub enum KernelChoice {
 
 impl ExecArgs {
     pub fn backend(&self) -> Result<bitnetc::Backend> {
+        if self.device == Device::Cuda {
+            if self.interp || self.lm_head.is_some() || self.trace_kernels {
+                return Err(
+                    "--device cuda does not combine with --interp, --lm-head or --trace-kernels"
+                        .into(),
+                );
+            }
+            if self.batch_size == 0 {
+                return Err("--batch-size must be at least 1".into());
+            }
+            return Ok(bitnetc::Backend::Cuda {
+                ordinal: 0,
+                batch: self.batch_size,
+            });
+        }
         if self.interp {
             return Ok(bitnetc::Backend::Interpreter);
         }

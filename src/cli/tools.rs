@@ -130,6 +130,7 @@ fn compile_plan(a: &CompileArgs, out: &std::path::Path) -> Result<()> {
         interp: false,
         trace_kernels: false,
         lm_head: a.lm_head,
+        device: super::Device::Cpu,
     };
     let bitnetc::Backend::Compiled(exec) = exec.backend()? else {
         unreachable!("not the interpreter")

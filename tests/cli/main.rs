@@ -590,3 +590,28 @@ fn a_compiled_plan_answers_like_its_model() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--target cuda"), "{}", stderr(&o));
 }
+
+#[test]
+fn device_cuda_without_a_driver_is_a_clear_error() {
+    if bitnetc::runtime::cuda::driver_available() {
+        return; // a GPU machine: scripts/gpu-check.sh runs the GPU tests
+    }
+    let model = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let o = bitnetc(&[
+        "run",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "x",
+        "-n",
+        "2",
+        "--device",
+        "cuda",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no CUDA driver (libcuda.so could not be loaded)"),
+        "{}",
+        stderr(&o)
+    );
+}

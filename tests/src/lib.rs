@@ -2,8 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-/// The repository root.
+/// The repository root: `BITNETC_REPO_ROOT` when set (test binaries run on another machine,
+/// as by `scripts/gpu-check.sh`), else where this crate was built.
 pub fn repo_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("BITNETC_REPO_ROOT") {
+        return PathBuf::from(root);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")

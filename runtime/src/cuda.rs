@@ -1,0 +1,653 @@
+//! The plan on an NVIDIA GPU: the kernels of [`bitnetc_codegen_cuda`] compiled by NVRTC for the
+//! device's architecture (or PTX compiled ahead of time), weights uploaded once, one device
+//! allocation per activation buffer, and the KV cache on the device.
+//!
+//! One sequence at a time: the cache lives in the executor. Every entry point checks that the
+//! driver library can be loaded before touching it.
+
+use crate::exec::LogitRows;
+use bitnetc_codegen_cuda::render::{self, KernelSpec, ROW_THREADS, TOKEN_THREADS};
+use bitnetc_ir::encoding::{Encoding, i2s_scale};
+use bitnetc_ir::interp::WeightSource;
+use bitnetc_ir::op::Op;
+use bitnetc_ir::plan::{BufferId, Plan, Storage};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use std::sync::Arc;
+
+/// What went wrong on the GPU.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "no CUDA driver (libcuda.so could not be loaded): --device cuda needs an NVIDIA GPU and \
+         its driver"
+    )]
+    NoDriver,
+    #[error("CUDA: {0}")]
+    Driver(String),
+    #[error(transparent)]
+    Codegen(#[from] bitnetc_codegen_cuda::CudaError),
+    #[error("step {step} ({op}): {message}")]
+    Step {
+        step: usize,
+        op: &'static str,
+        message: String,
+    },
+    #[error("weight {name}: {message}")]
+    Weight { name: String, message: String },
+}
+
+fn driver(e: impl std::fmt::Debug) -> GpuError {
+    GpuError::Driver(format!("{e:?}"))
+}
+
+/// Whether the CUDA driver library can be loaded (no panic when it cannot).
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Grid shapes, resolved per step from the tokens `T` and cached positions.
+#[derive(Clone, Copy, Debug)]
+enum Grid {
+    /// `rows` blocks per token (`rows` = tokens × this).
+    PerToken(u32),
+    /// `(⌈m/4⌉, T)`.
+    Rows(u64),
+    /// `⌈T·n/256⌉` blocks over `T·n` elements.
+    Elems(u64),
+    /// `(T, heads)`.
+    TokenHeads(u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Arg {
+    Ptr(u64),
+    /// An activation row pointer: the buffer, and its bytes per token (offset for the head's
+    /// last row).
+    Row(u64, u64),
+    /// `T·n` as a 64-bit integer.
+    Total(u64),
+    /// The first position of the step.
+    Pos0,
+}
+
+struct Launch {
+    f: CudaFunction,
+    grid: Grid,
+    block: u32,
+    /// Attention: `4·(pos0 + T)` bytes of dynamic shared memory.
+    attention: bool,
+    /// Part of the output projection: runs for the last token alone when only its logits are
+    /// wanted.
+    head: bool,
+    args: Vec<Arg>,
+}
+
+/// A plan bound to one GPU.
+pub struct CudaExecutor {
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    launches: Vec<Launch>,
+    /// Owned device memory: weights, activations, cache, scratch.
+    _memory: Vec<CudaSlice<u8>>,
+    tokens_ptr: u64,
+    positions_ptr: u64,
+    logits_ptr: u64,
+    batch: usize,
+    capacity: usize,
+    vocab: usize,
+    /// The device's name and compute capability.
+    pub device: String,
+}
+
+impl CudaExecutor {
+    /// Compiles `plan`'s kernels for GPU `ordinal` (NVRTC, for the device's architecture)
+    /// unless `ptx` gives them, uploads the weights, and allocates `capacity` cache positions
+    /// and room for `batch` tokens per step.
+    pub fn new(
+        plan: &Plan,
+        weights: &dyn WeightSource,
+        capacity: usize,
+        batch: usize,
+        ordinal: usize,
+        ptx: Option<String>,
+    ) -> Result<CudaExecutor, GpuError> {
+        if !driver_available() {
+            return Err(GpuError::NoDriver);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver)?;
+        let (major, minor) = ctx.compute_capability().map_err(driver)?;
+        let device = format!(
+            "{} (sm_{major}{minor})",
+            ctx.name().unwrap_or_else(|_| "GPU".into())
+        );
+        let stream = ctx.default_stream();
+        let specs = bitnetc_codegen_cuda::plan::plan_kernels(plan)?;
+        let ptx = match ptx {
+            Some(p) => p,
+            None => bitnetc_codegen_cuda::nvrtc::compile_ptx(
+                &render::module(&specs),
+                &format!("sm_{major}{minor}"),
+            )?,
+        };
+        let module = ctx.load_module(Ptx::from_src(ptx)).map_err(driver)?;
+        let mut b = Builder {
+            plan,
+            weights,
+            stream: &stream,
+            module: &module,
+            memory: Vec::new(),
+            ptrs: vec![0; plan.buffers.len()],
+            batch,
+            capacity,
+            launches: Vec::new(),
+            betas: Vec::new(),
+        };
+        b.allocate()?;
+        let max_k = plan
+            .buffers
+            .iter()
+            .filter_map(|buf| buf.ty.shape.last().and_then(|d| d.fixed()))
+            .max()
+            .unwrap_or(1);
+        let q = b.alloc(batch * max_k as usize)?;
+        let s = b.alloc(batch * 4)?;
+        let qsum = b.alloc(batch * 4)?;
+        let xn = b.alloc(batch * max_k as usize * 4)?;
+        let mut kernels = specs.into_iter();
+        let logits_buffer = plan.steps.iter().find_map(|s| match &s.op {
+            Op::Output { name } if name == "logits" => s.operands.first().copied(),
+            _ => None,
+        });
+        for (i, step) in plan.steps.iter().enumerate() {
+            let head = logits_buffer.is_some() && step.results.first().copied() == logits_buffer;
+            b.step(i, step, head, &mut kernels, (q, s, qsum, xn))?;
+        }
+        let (logits, vocab) = match logits_buffer {
+            Some(l) => (
+                b.ptrs[l as usize],
+                plan.buffers[l as usize]
+                    .ty
+                    .shape
+                    .last()
+                    .and_then(|d| d.fixed())
+                    .unwrap_or(0) as usize,
+            ),
+            None => {
+                return Err(GpuError::Step {
+                    step: plan.steps.len(),
+                    op: "output",
+                    message: "the plan has no `logits` output".into(),
+                });
+            }
+        };
+        let input = |name: &str| {
+            plan.buffers
+                .iter()
+                .position(|buf| matches!(&buf.storage, Storage::Input { name: n } if n == name))
+                .map_or(0, |i| b.ptrs[i])
+        };
+        let (tokens_ptr, positions_ptr) = (input("tokens"), input("positions"));
+        let Builder {
+            memory, launches, ..
+        } = b;
+        Ok(CudaExecutor {
+            stream,
+            _module: module,
+            launches,
+            _memory: memory,
+            tokens_ptr,
+            positions_ptr,
+            logits_ptr: logits,
+            batch,
+            capacity,
+            vocab,
+            device,
+        })
+    }
+
+    /// Positions the cache holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Evaluates `tokens` at positions `pos0..`, in steps of at most the batch size, and
+    /// returns their logits (every row, or the last token's).
+    pub fn eval(&self, tokens: &[u32], pos0: usize, rows: LogitRows) -> Result<Vec<f32>, GpuError> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < tokens.len() {
+            let t = (tokens.len() - at).min(self.batch);
+            let last = at + t == tokens.len();
+            let only_last = rows == LogitRows::Last;
+            if only_last && !last {
+                self.step(&tokens[at..at + t], pos0 + at, None)?;
+            } else {
+                self.step(&tokens[at..at + t], pos0 + at, Some(only_last))?;
+                let n = if only_last { 1 } else { t } * self.vocab;
+                let mut host = vec![0f32; n];
+                // SAFETY: the logits buffer holds at least `n` floats.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_sync(&mut host, self.logits_ptr)
+                        .map_err(driver)?
+                };
+                out.extend(host);
+            }
+            at += t;
+        }
+        Ok(out)
+    }
+
+    /// One step of `T ≤ batch` tokens; `logits` says whether the head runs, and for the last
+    /// token alone.
+    fn step(&self, tokens: &[u32], pos0: usize, logits: Option<bool>) -> Result<(), GpuError> {
+        let t = tokens.len();
+        let ids: Vec<i32> = tokens.iter().map(|&v| v as i32).collect();
+        let pos: Vec<i32> = (0..t as i32).map(|i| pos0 as i32 + i).collect();
+        // SAFETY: the input buffers hold `batch` ≥ T values each.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_sync(self.tokens_ptr, &ids).map_err(driver)?;
+            cudarc::driver::result::memcpy_htod_sync(self.positions_ptr, &pos).map_err(driver)?;
+        }
+        for l in &self.launches {
+            let last_only = l.head && logits == Some(true);
+            if l.head && logits.is_none() {
+                continue;
+            }
+            let tk = if last_only { 1 } else { t } as u64;
+            let grid = match l.grid {
+                Grid::PerToken(n) => (tk as u32 * n, 1, 1),
+                Grid::Rows(m) => (m.div_ceil(4) as u32, tk as u32, 1),
+                Grid::Elems(n) => ((tk * n).div_ceil(256) as u32, 1, 1),
+                Grid::TokenHeads(h) => (tk as u32, h, 1),
+            };
+            let cfg = LaunchConfig {
+                grid_dim: grid,
+                block_dim: (l.block, 1, 1),
+                shared_mem_bytes: if l.attention {
+                    (4 * (pos0 + t)) as u32
+                } else {
+                    0
+                },
+            };
+            let values: Vec<ArgValue> = l
+                .args
+                .iter()
+                .map(|a| match *a {
+                    Arg::Ptr(p) => ArgValue::U64(p),
+                    Arg::Row(p, row) => ArgValue::U64(if last_only {
+                        p + (t as u64 - 1) * row
+                    } else {
+                        p
+                    }),
+                    Arg::Total(n) => ArgValue::I64((tk * n) as i64),
+                    Arg::Pos0 => ArgValue::I32(pos0 as i32),
+                })
+                .collect();
+            let mut builder = self.stream.launch_builder(&l.f);
+            for v in &values {
+                match v {
+                    ArgValue::U64(p) => builder.arg(p),
+                    ArgValue::I64(n) => builder.arg(n),
+                    ArgValue::I32(n) => builder.arg(n),
+                };
+            }
+            // SAFETY: the arguments match the kernel's signature (render.rs) and point into
+            // allocations sized for `batch` tokens and `capacity` positions.
+            unsafe { builder.launch(cfg) }.map_err(driver)?;
+        }
+        self.stream.synchronize().map_err(driver)?;
+        Ok(())
+    }
+}
+
+enum ArgValue {
+    U64(u64),
+    I64(i64),
+    I32(i32),
+}
+
+struct Builder<'a> {
+    plan: &'a Plan,
+    weights: &'a dyn WeightSource,
+    stream: &'a Arc<CudaStream>,
+    module: &'a Arc<CudaModule>,
+    memory: Vec<CudaSlice<u8>>,
+    ptrs: Vec<u64>,
+    batch: usize,
+    capacity: usize,
+    launches: Vec<Launch>,
+    /// Per I2_S weight buffer: its per-row scales.
+    betas: Vec<(BufferId, u64)>,
+}
+
+impl Builder<'_> {
+    fn launch(
+        &mut self,
+        spec: &KernelSpec,
+        grid: Grid,
+        block: u32,
+        head: bool,
+        args: Vec<Arg>,
+    ) -> Result<(), GpuError> {
+        let f = self.module.load_function(&spec.name()).map_err(driver)?;
+        self.launches.push(Launch {
+            f,
+            grid,
+            block,
+            attention: matches!(spec, KernelSpec::AttentionF16 { .. }),
+            head,
+            args,
+        });
+        Ok(())
+    }
+
+    /// The launches of one step, taking its kernels from `specs` (in `plan_kernels`' order).
+    fn step(
+        &mut self,
+        i: usize,
+        step: &bitnetc_ir::plan::Step,
+        head: bool,
+        specs: &mut impl Iterator<Item = KernelSpec>,
+        (q, s, qsum, xn): (u64, u64, u64, u64),
+    ) -> Result<(), GpuError> {
+        let err = |message: String| GpuError::Step {
+            step: i,
+            op: step.op.name(),
+            message,
+        };
+        let mut next = || {
+            specs
+                .next()
+                .ok_or_else(|| err("the kernel list ended early".into()))
+        };
+        let ptrs = self.ptrs.clone();
+        let plan = self.plan;
+        let p = |b: Option<&BufferId>| -> Result<u64, GpuError> {
+            b.map(|&b| ptrs[b as usize])
+                .ok_or_else(|| err("an operand or result is missing".into()))
+        };
+        let row_bytes = |b: BufferId| -> u64 { plan.buffers[b as usize].row_bytes().unwrap_or(0) };
+        let (o, r) = (&step.operands, &step.results);
+        match &step.op {
+            Op::Input { .. }
+            | Op::Weight { .. }
+            | Op::Output { .. }
+            | Op::Reshape { .. }
+            | Op::WeightConcat
+            | Op::Repack { .. } => {}
+            Op::Embed => {
+                let spec = next()?;
+                let args = vec![
+                    Arg::Ptr(p(o.first())?),
+                    Arg::Ptr(p(o.get(1))?),
+                    Arg::Ptr(p(r.first())?),
+                ];
+                self.launch(&spec, Grid::PerToken(1), TOKEN_THREADS, false, args)?;
+            }
+            Op::RmsNorm { .. } => {
+                let spec = next()?;
+                let KernelSpec::RmsNorm { k, .. } = spec else {
+                    return Err(err(format!("expected rms_norm, got {}", spec.name())));
+                };
+                let rows = (row_bytes(o[0]) / 4 / k) as u32;
+                let args = vec![
+                    Arg::Ptr(p(o.first())?),
+                    Arg::Ptr(p(o.get(1))?),
+                    Arg::Ptr(p(r.first())?),
+                ];
+                self.launch(&spec, Grid::PerToken(rows), TOKEN_THREADS, false, args)?;
+            }
+            Op::QuantAct | Op::TMatmul | Op::Matmul { .. } => {
+                return Err(err(
+                    "an unfused matmul: the CUDA backend runs the default passes' fused linear \
+                     steps"
+                        .into(),
+                ));
+            }
+            Op::Linear { norm, residual, .. } => {
+                let x = *o.first().ok_or_else(|| err("no input".into()))?;
+                let w = *o.get(1).ok_or_else(|| err("no weight".into()))?;
+                let gain = if norm.is_some() { p(o.get(2))? } else { 0 };
+                let res = if *residual {
+                    Arg::Row(
+                        p(o.get(if norm.is_some() { 3 } else { 2 }))?,
+                        row_bytes(r[0]),
+                    )
+                } else {
+                    Arg::Ptr(0)
+                };
+                let xr = Arg::Row(p(Some(&x))?, row_bytes(x));
+                let out = Arg::Ptr(p(r.first())?);
+                let first = next()?;
+                match first {
+                    KernelSpec::NormQuant { .. } => {
+                        let rows = next()?;
+                        let KernelSpec::Ternary { n, glu, .. } = rows else {
+                            return Err(err(format!(
+                                "expected a ternary kernel, got {}",
+                                rows.name()
+                            )));
+                        };
+                        let beta = self
+                            .betas
+                            .iter()
+                            .find(|(b, _)| *b == w)
+                            .map(|(_, p)| *p)
+                            .ok_or_else(|| err("the weight's scales are missing".into()))?;
+                        let m = if glu.is_some() { n / 2 } else { n };
+                        self.launch(
+                            &first,
+                            Grid::PerToken(1),
+                            TOKEN_THREADS,
+                            head,
+                            vec![xr, Arg::Ptr(gain), Arg::Ptr(q), Arg::Ptr(s), Arg::Ptr(qsum)],
+                        )?;
+                        let args = vec![
+                            Arg::Ptr(p(Some(&w))?),
+                            Arg::Ptr(q),
+                            Arg::Ptr(s),
+                            Arg::Ptr(qsum),
+                            Arg::Ptr(beta),
+                            res,
+                            out,
+                        ];
+                        self.launch(&rows, Grid::Rows(m), ROW_THREADS, head, args)?;
+                    }
+                    KernelSpec::RmsNorm { .. } => {
+                        let rows = next()?;
+                        let KernelSpec::HalfRows { n, glu, .. } = rows else {
+                            return Err(err(format!(
+                                "expected an f16 kernel, got {}",
+                                rows.name()
+                            )));
+                        };
+                        let m = if glu.is_some() { n / 2 } else { n };
+                        self.launch(
+                            &first,
+                            Grid::PerToken(1),
+                            TOKEN_THREADS,
+                            head,
+                            vec![xr, Arg::Ptr(gain), Arg::Ptr(xn)],
+                        )?;
+                        let args = vec![Arg::Ptr(p(Some(&w))?), Arg::Ptr(xn), res, out];
+                        self.launch(&rows, Grid::Rows(m), ROW_THREADS, head, args)?;
+                    }
+                    KernelSpec::HalfRows { n, glu, .. } => {
+                        let m = if glu.is_some() { n / 2 } else { n };
+                        let args = vec![Arg::Ptr(p(Some(&w))?), xr, res, out];
+                        self.launch(&first, Grid::Rows(m), ROW_THREADS, head, args)?;
+                    }
+                    other => return Err(err(format!("unexpected kernel {}", other.name()))),
+                }
+            }
+            Op::Mul | Op::Add | Op::Act { .. } => {
+                let spec = next()?;
+                let (KernelSpec::Binary { n, .. } | KernelSpec::Act { n, .. }) = spec else {
+                    return Err(err(format!("unexpected kernel {}", spec.name())));
+                };
+                let per_token = row_bytes(r[0]) / 4;
+                let mut args = vec![Arg::Ptr(p(o.first())?)];
+                if !matches!(step.op, Op::Act { .. }) {
+                    args.push(Arg::Ptr(p(o.get(1))?));
+                }
+                args.push(Arg::Ptr(p(r.first())?));
+                args.push(Arg::Total(per_token));
+                let _ = n;
+                self.launch(&spec, Grid::Elems(per_token), 256, false, args)?;
+            }
+            Op::Split { sizes } => {
+                for (j, &cols) in sizes.iter().enumerate() {
+                    let spec = next()?;
+                    let args = vec![
+                        Arg::Ptr(p(o.first())?),
+                        Arg::Ptr(p(r.get(j))?),
+                        Arg::Total(cols),
+                    ];
+                    self.launch(&spec, Grid::Elems(cols), 256, false, args)?;
+                }
+            }
+            Op::Rope { .. } => {
+                let spec = next()?;
+                let KernelSpec::Rope { heads, .. } = spec else {
+                    return Err(err(format!("unexpected kernel {}", spec.name())));
+                };
+                let args = vec![
+                    Arg::Ptr(p(o.first())?),
+                    Arg::Ptr(p(r.first())?),
+                    Arg::Ptr(p(o.get(1))?),
+                ];
+                self.launch(&spec, Grid::TokenHeads(heads as u32), 64, false, args)?;
+            }
+            Op::KvAppend { .. } => {
+                let spec = next()?;
+                let args = vec![
+                    Arg::Ptr(p(o.first())?),
+                    Arg::Ptr(p(o.get(1))?),
+                    Arg::Ptr(p(r.first())?),
+                    Arg::Ptr(p(r.get(1))?),
+                    Arg::Pos0,
+                ];
+                self.launch(&spec, Grid::PerToken(1), TOKEN_THREADS, false, args)?;
+            }
+            Op::Attention { .. } => {
+                let spec = next()?;
+                let KernelSpec::AttentionF16 { h, .. } = spec else {
+                    return Err(err(format!("unexpected kernel {}", spec.name())));
+                };
+                let args = vec![
+                    Arg::Ptr(p(o.first())?),
+                    Arg::Ptr(p(o.get(1))?),
+                    Arg::Ptr(p(o.get(2))?),
+                    Arg::Ptr(p(r.first())?),
+                    Arg::Pos0,
+                ];
+                self.launch(&spec, Grid::TokenHeads(h as u32), ROW_THREADS, false, args)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<u64, GpuError> {
+        let m = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(4))
+            .map_err(driver)?;
+        let p = {
+            let (p, _sync) = m.device_ptr(self.stream);
+            p
+        };
+        self.memory.push(m);
+        Ok(p)
+    }
+
+    fn upload(&mut self, bytes: &[u8]) -> Result<u64, GpuError> {
+        let m = self.stream.clone_htod(bytes).map_err(driver)?;
+        let p = {
+            let (p, _sync) = m.device_ptr(self.stream);
+            p
+        };
+        self.memory.push(m);
+        Ok(p)
+    }
+
+    /// Every buffer's device memory: weights uploaded, activations and inputs sized for the
+    /// batch, cache buffers for the capacity; a reshape shares its operand's memory.
+    fn allocate(&mut self) -> Result<(), GpuError> {
+        let reshaped: Vec<(BufferId, BufferId)> = self
+            .plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s.op, Op::Reshape { .. }))
+            .filter_map(|s| Some((*s.results.first()?, *s.operands.first()?)))
+            .collect();
+        for (i, buf) in self.plan.buffers.iter().enumerate() {
+            if reshaped.iter().any(|(r, _)| *r as usize == i) {
+                continue;
+            }
+            self.ptrs[i] = match &buf.storage {
+                Storage::Input { .. } => self.alloc(self.batch * 4)?,
+                Storage::Arena { .. } => {
+                    let row = buf.row_bytes().ok_or_else(|| GpuError::Step {
+                        step: 0,
+                        op: "plan",
+                        message: format!("buffer {i} has no per-token size"),
+                    })?;
+                    self.alloc(self.batch * row as usize)?
+                }
+                Storage::Cache => {
+                    let per: u64 = buf.ty.shape[1..]
+                        .iter()
+                        .map(|d| d.fixed().unwrap_or(0))
+                        .product();
+                    self.alloc(self.capacity * per as usize * 2)?
+                }
+                Storage::Weight { parts, .. } => {
+                    let mut bytes = Vec::new();
+                    let mut betas = Vec::new();
+                    for p in parts {
+                        let w = self
+                            .weights
+                            .weight(&p.name)
+                            .ok_or_else(|| GpuError::Weight {
+                                name: p.name.clone(),
+                                message: "is not in the model".into(),
+                            })?;
+                        let rows = w.shape.first().copied().unwrap_or(1);
+                        let n: u64 = w.shape.iter().product();
+                        match w.encoding {
+                            Encoding::I2S => {
+                                bytes.extend_from_slice(&w.bytes[..(n / 4) as usize]);
+                                let beta = i2s_scale(w.bytes, n);
+                                betas.extend(std::iter::repeat_n(beta, rows as usize));
+                            }
+                            Encoding::F16 | Encoding::F32 => bytes.extend_from_slice(w.bytes),
+                            e => {
+                                return Err(GpuError::Weight {
+                                    name: p.name.clone(),
+                                    message: format!("{e} weights have no CUDA kernel yet"),
+                                });
+                            }
+                        }
+                    }
+                    let p = self.upload(&bytes)?;
+                    if !betas.is_empty() {
+                        let b: Vec<u8> = betas.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        // The per-row scales sit in the allocation after; found by `beta_of`.
+                        let bp = self.upload(&b)?;
+                        self.betas.push((i as BufferId, bp));
+                    }
+                    p
+                }
+            };
+        }
+        for (r, o) in reshaped {
+            self.ptrs[r as usize] = self.ptrs[o as usize];
+        }
+        Ok(())
+    }
+}
