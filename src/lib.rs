@@ -122,6 +122,7 @@ pub enum Backend {
     Interpreter,
     /// An NVIDIA GPU (the `cuda` feature): kernels compiled by NVRTC for it, steps of at most
     /// `batch` tokens, one session at a time.
+    #[cfg(feature = "cuda")]
     Cuda { ordinal: usize, batch: usize },
 }
 
@@ -220,6 +221,7 @@ fn bind(
     let engine = match backend {
         Backend::Compiled(exec) => runtime::Engine::compiled(plan, weights, context, exec)?,
         Backend::Interpreter => runtime::Engine::new(plan, weights, context)?,
+        #[cfg(feature = "cuda")]
         Backend::Cuda { ordinal, batch } => {
             runtime::Engine::cuda(plan, weights, context, *batch, *ordinal, None)?
         }

@@ -187,6 +187,7 @@ pub struct Session<'e> {
     history: Vec<u32>,
     arena: Vec<u8>,
     /// This session's number (which session the GPU's cache holds).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     id: u64,
 }
 

@@ -68,10 +68,13 @@ impl ExecArgs {
             if self.batch_size == 0 {
                 return Err("--batch-size must be at least 1".into());
             }
+            #[cfg(feature = "cuda")]
             return Ok(bitnetc::Backend::Cuda {
                 ordinal: 0,
                 batch: self.batch_size,
             });
+            #[cfg(not(feature = "cuda"))]
+            return Err("--device cuda: this bitnetc was built without the `cuda` feature".into());
         }
         if self.interp {
             return Ok(bitnetc::Backend::Interpreter);
