@@ -113,6 +113,14 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
             }
         }
     }
+    // The PTX cache: the first call compiles, the second reads the file.
+    let dir = tempfile::tempdir().unwrap();
+    let source = &modules[1].1;
+    let (a, cached) = nvrtc::compile_ptx_cached(source, "sm_80", Some(dir.path())).unwrap();
+    assert!(!cached);
+    let (b, cached) = nvrtc::compile_ptx_cached(source, "sm_80", Some(dir.path())).unwrap();
+    assert!(cached && a == b);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     // An error in a kernel comes back with NVRTC's log.
     let e = nvrtc::compile_ptx(
         "extern \"C\" __global__ void k() { undefined_thing(); }",

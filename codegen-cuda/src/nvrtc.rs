@@ -39,6 +39,47 @@ pub fn version() -> Result<(i32, i32), CudaError> {
     Ok((major, minor))
 }
 
+/// The PTX cache folder: `BITNETC_PTX_CACHE`, else `$XDG_CACHE_HOME/bitnetc/ptx`, else
+/// `~/.cache/bitnetc/ptx`.
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    if let Some(d) = std::env::var_os("BITNETC_PTX_CACHE") {
+        return Some(d.into());
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))?;
+    Some(base.join("bitnetc").join("ptx"))
+}
+
+/// [`compile_ptx`] through a cache of PTX files in `dir`, keyed by the source's XXH3, the
+/// architecture and NVRTC's version; returns the PTX and whether it came from the cache. A
+/// cache that cannot be read or written is passed by, never an error.
+pub fn compile_ptx_cached(
+    source: &str,
+    arch: &str,
+    dir: Option<&std::path::Path>,
+) -> Result<(String, bool), CudaError> {
+    let (major, minor) = version()?;
+    let key = format!(
+        "{:016x}-{arch}-nvrtc{major}.{minor}.ptx",
+        xxhash_rust::xxh3::xxh3_64(source.as_bytes())
+    );
+    if let Some(dir) = dir
+        && let Ok(ptx) = std::fs::read_to_string(dir.join(&key))
+        && ptx.contains(&format!(".target {arch}"))
+    {
+        return Ok((ptx, true));
+    }
+    let ptx = compile_ptx(source, arch)?;
+    if let Some(dir) = dir {
+        let tmp = dir.join(format!(".{key}.{}", std::process::id()));
+        let _ = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&tmp, &ptx))
+            .and_then(|_| std::fs::rename(&tmp, dir.join(&key)));
+    }
+    Ok((ptx, false))
+}
+
 /// Compiles one module's CUDA C to PTX for `arch` (e.g. `sm_90`).
 pub fn compile_ptx(source: &str, arch: &str) -> Result<String, CudaError> {
     if !available() {

@@ -129,10 +129,14 @@ impl CudaExecutor {
         let specs = bitnetc_codegen_cuda::plan::plan_kernels(plan)?;
         let ptx = match ptx {
             Some(p) => p,
-            None => bitnetc_codegen_cuda::nvrtc::compile_ptx(
-                &render::module(&specs),
-                &format!("sm_{major}{minor}"),
-            )?,
+            None => {
+                bitnetc_codegen_cuda::nvrtc::compile_ptx_cached(
+                    &render::module(&specs),
+                    &format!("sm_{major}{minor}"),
+                    bitnetc_codegen_cuda::nvrtc::cache_dir().as_deref(),
+                )?
+                .0
+            }
         };
         let module = ctx.load_module(Ptx::from_src(ptx)).map_err(driver)?;
         let mut b = Builder {
