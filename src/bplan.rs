@@ -70,6 +70,9 @@ pub struct Manifest {
     pub chat_template: Option<String>,
     /// Weights stored in a kernel's layout besides the image.
     pub packed: Vec<Packed>,
+    /// The CUDA kernels as PTX, per architecture (a `cuda` target).
+    #[serde(default)]
+    pub ptx: Vec<PtxModule>,
     pub plan: Plan,
 }
 
@@ -265,6 +268,18 @@ pub struct CompileOptions {
     pub lower: LowerOptions,
     /// The passes to run by name; the default pipeline when `None`.
     pub passes: Option<Vec<String>>,
+    /// GPU architectures (`sm_80`, …) to compile the plan's CUDA kernels for with NVRTC now,
+    /// so that the GPU machine needs only the driver; none for a CPU plan.
+    pub cuda_archs: Vec<String>,
+}
+
+/// The plan's CUDA kernels compiled for one architecture.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PtxModule {
+    pub arch: String,
+    /// The NVRTC that compiled it, `major.minor`.
+    pub nvrtc: String,
+    pub ptx: String,
 }
 
 /// What compiling took.
@@ -389,7 +404,12 @@ pub fn compile(
     };
     let manifest = Manifest {
         bitnetc_version: env!("CARGO_PKG_VERSION").into(),
-        target: "cpu".into(),
+        target: if opts.cuda_archs.is_empty() {
+            "cpu"
+        } else {
+            "cuda"
+        }
+        .into(),
         host_features: cpu_features(),
         kernels: executor.ternary_bindings(),
         passes,
@@ -407,6 +427,7 @@ pub fn compile(
             .flatten()
             .map(String::from),
         packed: Vec::new(),
+        ptx: cuda_ptx(&plan, &opts.cuda_archs)?,
         plan,
     };
 
@@ -535,11 +556,11 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
             ),
         ));
     }
-    if manifest.target != "cpu" {
+    if manifest.target != "cpu" && manifest.target != "cuda" {
         return Err(invalid(
             path,
             format!(
-                "compiled for target `{}`; this build runs `cpu` plans",
+                "compiled for target `{}`; this build runs `cpu` and `cuda` plans",
                 manifest.target
             ),
         ));
@@ -595,7 +616,45 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
         &backend,
         opts.context,
         opts.pre_tokenizer.as_deref(),
+        &manifest
+            .ptx
+            .iter()
+            .map(|m| (m.arch.clone(), m.ptx.clone()))
+            .collect::<Vec<_>>(),
     )
+}
+
+/// The plan's CUDA kernels compiled for each architecture.
+#[cfg(feature = "cuda")]
+fn cuda_ptx(plan: &Plan, archs: &[String]) -> Result<Vec<PtxModule>, Error> {
+    use bitnetc_codegen_cuda::{nvrtc, plan::plan_kernels, render::module};
+    if archs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cuda = |e: bitnetc_codegen_cuda::CudaError| Error::Plan(format!("--target cuda: {e}"));
+    let source = module(&plan_kernels(plan).map_err(cuda)?);
+    let (major, minor) = nvrtc::version().map_err(cuda)?;
+    archs
+        .iter()
+        .map(|arch| {
+            Ok(PtxModule {
+                arch: arch.clone(),
+                nvrtc: format!("{major}.{minor}"),
+                ptx: nvrtc::compile_ptx(&source, arch).map_err(cuda)?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_ptx(_: &Plan, archs: &[String]) -> Result<Vec<PtxModule>, Error> {
+    if archs.is_empty() {
+        Ok(Vec::new())
+    } else {
+        Err(Error::Plan(
+            "--target cuda: this bitnetc was built without the `cuda` feature".into(),
+        ))
+    }
 }
 
 /// A plan's weights: the GGUF image, and the weights stored in kernels' layouts.
@@ -713,6 +772,14 @@ pub fn describe(path: &Path) -> Result<String, Error> {
         );
     }
     let _ = writeln!(s, "host features {}", m.host_features.join(" "));
+    if !m.ptx.is_empty() {
+        let archs: Vec<String> = m
+            .ptx
+            .iter()
+            .map(|p| format!("{} (NVRTC {}, {} bytes)", p.arch, p.nvrtc, p.ptx.len()))
+            .collect();
+        let _ = writeln!(s, "cuda ptx      {}", archs.join(", "));
+    }
     let _ = writeln!(
         s,
         "plan          {} steps, {} buffers, {} arena bytes per token",

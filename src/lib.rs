@@ -203,10 +203,12 @@ fn load_gguf(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
         &opts.backend,
         opts.context,
         opts.pre_tokenizer.as_deref(),
+        &[],
     )
 }
 
 /// Binds a planned model to an engine and reads its tokenizer.
+#[allow(clippy::too_many_arguments)]
 fn bind(
     file: Arc<GgufFile>,
     weights: Arc<dyn ir::interp::WeightSource + Send + Sync>,
@@ -215,6 +217,7 @@ fn bind(
     backend: &Backend,
     context: Option<usize>,
     pre_tokenizer: Option<&str>,
+    ptx: &[(String, String)],
 ) -> Result<Model, Error> {
     let context = context.unwrap_or(config.context_length as usize);
     let compiling = Instant::now();
@@ -223,7 +226,7 @@ fn bind(
         Backend::Interpreter => runtime::Engine::new(plan, weights, context)?,
         #[cfg(feature = "cuda")]
         Backend::Cuda { ordinal, batch } => {
-            runtime::Engine::cuda(plan, weights, context, *batch, *ordinal, None)?
+            runtime::Engine::cuda(plan, weights, context, *batch, *ordinal, ptx)?
         }
     };
     let compile_time = compiling.elapsed();

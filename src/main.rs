@@ -83,9 +83,19 @@ struct CompileArgs {
     /// chosen for this CPU and the weights, loaded by every command in place of the model
     #[arg(short = 'o', long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// The target of the plan written with -o (this build writes `cpu` plans; `cuda` is refused)
+    /// The target of the plan written with -o: `cpu`, or `cuda` (the CPU plan plus its CUDA
+    /// kernels compiled to PTX now by NVRTC, so that the GPU machine needs only its driver)
     #[arg(long, value_enum, default_value = "cpu")]
     target: Target,
+    /// With `--target cuda`: the GPU architectures to compile for (comma-separated); a GPU
+    /// runs the newest one not newer than itself
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "sm_80,sm_90"
+    )]
+    cuda_arch: Vec<String>,
     /// Re-encode the output projection into the plan (see `run --help`)
     #[arg(long, value_enum, value_name = "TYPE")]
     lm_head: Option<cli::LmHead>,

@@ -204,3 +204,61 @@ fn gpu_logits_match_the_cpu_within_tolerance() {
     }
     assert!(ran >= 2, "{ran}");
 }
+
+/// `compile --target cuda`: the plan carries its kernels as PTX for each architecture asked
+/// for, and still runs on the CPU with the same logits as its model.
+#[test]
+fn a_cuda_plan_carries_ptx_and_still_runs_on_the_cpu() {
+    use bitnetc::bplan::{self, CompileOptions};
+    let required = std::env::var("BITNETC_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+    if !bitnetc::codegen_cuda::nvrtc::available() {
+        assert!(
+            !required,
+            "BITNETC_REQUIRE_NVRTC=1 but libnvrtc.so cannot be loaded"
+        );
+        eprintln!("SKIPPING: NVRTC is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let out = dir.path().join("tiny-cuda.bplan");
+    let opts = CompileOptions {
+        cuda_archs: vec!["sm_80".into(), "sm_90".into()],
+        ..CompileOptions::default()
+    };
+    bplan::compile(&src, &out, &opts, |_, _| {}).unwrap();
+    let (_, m) = bplan::read_manifest(&out).unwrap();
+    assert_eq!(m.target, "cuda");
+    let archs: Vec<&str> = m.ptx.iter().map(|p| p.arch.as_str()).collect();
+    assert_eq!(archs, ["sm_80", "sm_90"]);
+    for p in &m.ptx {
+        assert!(p.ptx.contains(&format!(".target {}", p.arch)));
+        assert!(p.ptx.contains(".entry ternary_k256_n384("));
+    }
+    let open = |path: &Path| {
+        load(
+            path,
+            LoadOptions {
+                context: Some(16),
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let ids = [1u32, 70, 300, 5, 1999];
+    let a = open(&out).engine.session().eval(&ids).unwrap();
+    let b = open(&src).engine.session().eval(&ids).unwrap();
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    // An architecture NVRTC does not know is an error that says so.
+    let bad = CompileOptions {
+        cuda_archs: vec!["sm_12".into()],
+        ..CompileOptions::default()
+    };
+    let e = bplan::compile(&src, &dir.path().join("bad.bplan"), &bad, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--target cuda: unknown GPU architecture `sm_12`"),
+        "{e}"
+    );
+}

@@ -105,16 +105,17 @@ pub struct CudaExecutor {
 }
 
 impl CudaExecutor {
-    /// Compiles `plan`'s kernels for GPU `ordinal` (NVRTC, for the device's architecture)
-    /// unless `ptx` gives them, uploads the weights, and allocates `capacity` cache positions
-    /// and room for `batch` tokens per step.
+    /// Takes `plan`'s kernels from `ptx` (architecture, PTX: the newest `sm_XY` not newer than
+    /// the device, which the driver compiles for it) or else compiles them with NVRTC for the
+    /// device; uploads the weights, and allocates `capacity` cache positions and room for
+    /// `batch` tokens per step.
     pub fn new(
         plan: &Plan,
         weights: &dyn WeightSource,
         capacity: usize,
         batch: usize,
         ordinal: usize,
-        ptx: Option<String>,
+        ptx: &[(String, String)],
     ) -> Result<CudaExecutor, GpuError> {
         if !driver_available() {
             return Err(GpuError::NoDriver);
@@ -127,7 +128,16 @@ impl CudaExecutor {
         );
         let stream = ctx.default_stream();
         let specs = bitnetc_codegen_cuda::plan::plan_kernels(plan)?;
-        let ptx = match ptx {
+        let cc = major * 10 + minor;
+        let ahead = ptx
+            .iter()
+            .filter_map(|(arch, p)| {
+                let n: i32 = arch.strip_prefix("sm_")?.parse().ok()?;
+                (n <= cc).then_some((n, p))
+            })
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, p)| p.clone());
+        let ptx = match ahead {
             Some(p) => p,
             None => {
                 bitnetc_codegen_cuda::nvrtc::compile_ptx_cached(

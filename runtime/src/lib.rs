@@ -77,9 +77,10 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Checks the plan and binds it to GPU `ordinal`: kernels compiled for it by NVRTC (or
-    /// from `ptx`), weights uploaded, a KV cache of `context` positions on the device, steps of
-    /// at most `batch` tokens. One session at a time holds the device's cache.
+    /// Checks the plan and binds it to GPU `ordinal`: kernels from `ptx` (architecture, PTX)
+    /// when one suits the device, else compiled for it by NVRTC; weights uploaded, a KV cache
+    /// of `context` positions on the device, steps of at most `batch` tokens. One session at a
+    /// time holds the device's cache.
     #[cfg(feature = "cuda")]
     pub fn cuda(
         plan: Plan,
@@ -87,7 +88,7 @@ impl Engine {
         context: usize,
         batch: usize,
         ordinal: usize,
-        ptx: Option<String>,
+        ptx: &[(String, String)],
     ) -> Result<Engine, RuntimeError> {
         let mut engine = Engine::new(plan, weights, context)?;
         let gpu = cuda::CudaExecutor::new(

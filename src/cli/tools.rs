@@ -115,9 +115,6 @@ pub fn compile(a: CompileArgs) -> Result<()> {
 /// `compile -o`: writes a `.bplan`.
 fn compile_plan(a: &CompileArgs, out: &std::path::Path) -> Result<()> {
     use bitnetc::runtime::exec::ExecOptions;
-    if a.target == crate::Target::Cuda {
-        return Err("--target cuda: this build compiles plans for the CPU only".into());
-    }
     if !a.print_after.is_empty() || a.stop_after.is_some() {
         return Err(
             "--print-after and --stop-after print stages; they do not combine with -o".into(),
@@ -141,6 +138,11 @@ fn compile_plan(a: &CompileArgs, out: &std::path::Path) -> Result<()> {
             kv_cache: a.kv_cache.dtype(),
         },
         passes: a.passes.clone(),
+        cuda_archs: if a.target == crate::Target::Cuda {
+            a.cuda_arch.clone()
+        } else {
+            Vec::new()
+        },
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

@@ -586,9 +586,11 @@ fn a_compiled_plan_answers_like_its_model() {
         plan.to_str().unwrap(),
         "--target",
         "cuda",
+        "--cuda-arch",
+        "sm_12",
     ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("--target cuda"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--target cuda: "), "{}", stderr(&o));
 }
 
 #[test]
