@@ -40,6 +40,8 @@ enum Command {
     GenModel(GenModelArgs),
     /// Measure prompt and generation speed (llama-bench's tests and table)
     Bench(cli::bench::BenchArgs),
+    /// Score a text: perplexity by llama.cpp's method (windows of -c tokens, second halves)
+    Perplexity(cli::perplexity::PerplexityArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -248,6 +250,7 @@ fn main() -> ExitCode {
         Command::Logits(a) => cli::tools::logits(a),
         Command::GenModel(a) => cli::tools::gen_model(a),
         Command::Bench(a) => cli::bench::bench(a),
+        Command::Perplexity(a) => cli::perplexity::perplexity(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -158,7 +158,15 @@ fn help_texts() {
     let o = bitnetc(&["--help"]);
     insta::assert_snapshot!("help", stdout(&o));
     for cmd in [
-        "inspect", "quantize", "compile", "logits", "run", "chat", "tokenize", "bench",
+        "inspect",
+        "quantize",
+        "compile",
+        "logits",
+        "run",
+        "chat",
+        "tokenize",
+        "bench",
+        "perplexity",
     ] {
         let o = bitnetc(&[cmd, "--help"]);
         assert!(o.status.success());
@@ -262,9 +270,9 @@ fn smollm2() -> Option<PathBuf> {
     }
 }
 
-#[test]
-fn run_answers_paris() {
-    let Some(model) = smollm2() else { return };
+/// Asks `model` (SmolLM2 or its plan) for the capital of France, greedily, and checks the
+/// answer and llama.cpp's token ids, up to and including the first end-of-generation token.
+fn assert_answers_paris(model: &Path) {
     let o = bitnetc(&[
         "run",
         "-m",
@@ -280,12 +288,17 @@ fn run_answers_paris() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "The capital of France is Paris.\n");
-    // llama.cpp's greedy ids, up to and including the first end-of-generation token.
     assert!(
         stderr(&o).contains("[504,3575,282,4649,314,7042,30,2]"),
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn run_answers_paris() {
+    let Some(model) = smollm2() else { return };
+    assert_answers_paris(&model);
 }
 
 #[test]
@@ -544,22 +557,7 @@ fn a_compiled_plan_answers_like_its_model() {
         "{out}"
     );
     assert!(out.contains("load          "), "{out}");
-    let o = bitnetc(&[
-        "run",
-        "-m",
-        plan.to_str().unwrap(),
-        "-cnv",
-        "-p",
-        "What is the capital of France?",
-        "--temp",
-        "0",
-        "--output-ids",
-        "-c",
-        "128",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stdout(&o), "The capital of France is Paris.\n");
-    assert!(stderr(&o).contains("[504,3575,282,4649,314,7042,30,2]"));
+    assert_answers_paris(&plan);
     let o = bitnetc(&["inspect", plan.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).starts_with("compiled plan, format 1 by bitnetc"));
