@@ -588,10 +588,10 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
             "corrupted: the weights image's checksum does not match",
         ));
     }
-    // The checksum read every page; keep resident only what the model reads.
-    file.release_all();
     let file = Arc::new(file);
     let weights = Arc::new(PlanWeights::open(path, file.clone(), &manifest.packed)?);
+    // The checksums read every page; keep resident only what the model reads.
+    file.release_all();
     let config = ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let backend = match opts.backend {
         Backend::Compiled(exec) => {
@@ -657,28 +657,16 @@ fn cuda_ptx(_: &Plan, archs: &[String]) -> Result<Vec<PtxModule>, Error> {
     }
 }
 
-/// A plan's weights: the GGUF image, and the weights stored in kernels' layouts.
+/// A plan's weights: the GGUF image, and the weights stored in kernels' layouts (after the
+/// image, in the same mapping).
 struct PlanWeights {
     image: Arc<GgufFile>,
-    /// The whole file (the packed weights lie after the image).
-    map: Option<memmap2::Mmap>,
     packed: HashMap<(String, String), std::ops::Range<usize>>,
 }
 
 impl PlanWeights {
     fn open(path: &Path, image: Arc<GgufFile>, packed: &[Packed]) -> Result<PlanWeights, Error> {
-        if packed.is_empty() {
-            return Ok(PlanWeights {
-                image,
-                map: None,
-                packed: HashMap::new(),
-            });
-        }
-        let io = |e: std::io::Error| invalid(path, e);
-        let f = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: read-only; as with every mapped model, the file must not be truncated while
-        // it is open.
-        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
+        let map = image.file_bytes();
         let mut ranges = HashMap::new();
         for p in packed {
             let range = p
@@ -707,13 +695,8 @@ impl PlanWeights {
             }
             ranges.insert((p.name.clone(), p.layout.clone()), range);
         }
-        #[cfg(unix)]
-        // SAFETY: a read-only shared file mapping: dropped pages are read back on access.
-        let _ =
-            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, map.len()) };
         Ok(PlanWeights {
             image,
-            map: Some(map),
             packed: ranges,
         })
     }
@@ -730,11 +713,12 @@ impl WeightSource for PlanWeights {
 
     fn packed(&self, name: &str, layout: &str) -> Option<&[u8]> {
         let r = self.packed.get(&(name.to_string(), layout.to_string()))?;
-        Some(&self.map.as_ref()?[r.clone()])
+        Some(&self.image.file_bytes()[r.clone()])
     }
 }
 
-/// The plan's path for messages.
+/// The header and manifest of the plan at `path`, as `inspect` and `compile --verbose` print
+/// them.
 pub fn describe(path: &Path) -> Result<String, Error> {
     let (header, m) = read_manifest(path)?;
     let mut s = String::new();

@@ -51,12 +51,23 @@ pub fn perplexity(
     text: &str,
     n_ctx: usize,
     chunks: Option<usize>,
+    progress: impl FnMut(&Perplexity),
+) -> Result<Perplexity, Error> {
+    let tokens = model.tokenizer()?.encode(text, true, false);
+    perplexity_tokens(model, &tokens, n_ctx, chunks, progress)
+}
+
+/// [`perplexity`] of a text already tokenized (with the model's BOS, as `encode(text, true,
+/// false)` gives it).
+pub fn perplexity_tokens(
+    model: &Model,
+    tokens: &[u32],
+    n_ctx: usize,
+    chunks: Option<usize>,
     mut progress: impl FnMut(&Perplexity),
 ) -> Result<Perplexity, Error> {
-    let tokenizer = model.tokenizer()?;
-    let spec = tokenizer.spec();
+    let spec = model.tokenizer()?.spec();
     let bos = spec.bos.filter(|_| spec.add_bos);
-    let tokens = tokenizer.encode(text, true, false);
     if n_ctx < 4 {
         return Err(Error::Tokenizer(format!(
             "a window of {n_ctx} tokens is too short (at least 4)"

@@ -255,6 +255,7 @@ unsafe fn unpack_rows(a: &RowsArgs, r: usize, out: &mut [u8]) {
 mod tests {
     use super::*;
     use crate::ternary::rows_scalar;
+    use crate::ternary::test_data::{random_q, random_rows, run};
 
     #[test]
     fn amx_equals_the_scalar_reference() {
@@ -262,13 +263,6 @@ mod tests {
             eprintln!("SKIPPING: no AMX-INT8 on this host");
             return;
         }
-        let mut s = 5u64;
-        let mut next = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            s
-        };
         for (rows, k, tokens) in [
             (16, 128, 16),
             (48, 256, 5),
@@ -276,34 +270,14 @@ mod tests {
             (64, 6912, 33),
             (32, 128, 1),
         ] {
-            let w: Vec<u8> = (0..rows * k / 4)
-                .map(|_| {
-                    let v = next();
-                    ((v >> 40) % 3) as u8 * 64
-                        + ((v >> 44) % 3) as u8 * 16
-                        + ((v >> 48) % 3) as u8 * 4
-                        + ((v >> 52) % 3) as u8
-                })
-                .collect();
-            let mut q: Vec<i8> = (0..k * tokens).map(|_| (next() >> 56) as i8).collect();
+            let w = random_rows(rows, k, 5 + k as u64);
+            let mut q = random_q(k * tokens, rows as u64);
             q[0] = -128;
-            let run = |f: unsafe fn(&RowsArgs)| {
-                let mut out = vec![0i32; rows * tokens];
-                let args = RowsArgs {
-                    w: w.as_ptr(),
-                    row_bytes: k / 4,
-                    rows,
-                    q: q.as_ptr(),
-                    k,
-                    tokens,
-                    q_stride: k,
-                    out: out.as_mut_ptr(),
-                    out_stride: rows,
-                };
-                unsafe { f(&args) };
-                out
-            };
-            assert_eq!(run(rows_amx), run(rows_scalar), "{rows}x{k}x{tokens}");
+            assert_eq!(
+                run(rows_amx, &w, rows, k, &q, tokens),
+                run(rows_scalar, &w, rows, k, &q, tokens),
+                "{rows}x{k}x{tokens}"
+            );
         }
     }
 }

@@ -330,6 +330,7 @@ fn dot_tree(b: &mut FunctionBuilder, x: Value, c: Value, acc: Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ternary::test_data::{random_q, random_rows, run};
     use crate::ternary::{RowsArgs, rows_scalar};
 
     #[test]
@@ -337,40 +338,12 @@ mod tests {
         for level in [IsaLevel::Native, IsaLevel::Baseline] {
             for (rows, k, tokens) in [(3, 128, 1), (5, 256, 3), (4, 2560, 2)] {
                 let jit = TernaryJit::compile(k, level).unwrap();
-                let mut s = 7u64;
-                let mut next = || {
-                    s = s
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    s
-                };
-                let w: Vec<u8> = (0..rows * k / 4)
-                    .map(|_| {
-                        let v = next();
-                        ((v >> 40) % 3) as u8 * 64
-                            + ((v >> 44) % 3) as u8 * 16
-                            + ((v >> 48) % 3) as u8 * 4
-                            + ((v >> 52) % 3) as u8
-                    })
-                    .collect();
-                let q: Vec<i8> = (0..k * tokens).map(|_| (next() >> 56) as i8).collect();
-                let mut expect = vec![0i32; rows * tokens];
+                let w = random_rows(rows, k, 7 + k as u64);
+                let q = random_q(k * tokens, 7 + rows as u64);
+                let expect = run(rows_scalar, &w, rows, k, &q, tokens);
                 let mut got = vec![0i32; rows * tokens];
-                let args = |out: &mut Vec<i32>| RowsArgs {
-                    w: w.as_ptr(),
-                    row_bytes: k / 4,
-                    rows,
-                    q: q.as_ptr(),
-                    k,
-                    tokens,
-                    q_stride: k,
-                    out: out.as_mut_ptr(),
-                    out_stride: rows,
-                };
-                unsafe {
-                    rows_scalar(&args(&mut expect));
-                    jit.run(&args(&mut got));
-                }
+                // SAFETY: dense arguments over the buffers; the kernel was compiled for k.
+                unsafe { jit.run(&RowsArgs::dense(&w, rows, k, &q, tokens, &mut got)) };
                 assert_eq!(got, expect, "{level:?} {rows}x{k}x{tokens}");
             }
         }

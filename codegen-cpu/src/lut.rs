@@ -336,22 +336,8 @@ fn build_lut(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ternary::{RowsArgs, rows_scalar};
-
-    fn codes(seed: u64, n: usize) -> Vec<u8> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) % 3) as u8 * 64
-                    + ((s >> 44) % 3) as u8 * 16
-                    + ((s >> 48) % 3) as u8 * 4
-                    + ((s >> 52) % 3) as u8
-            })
-            .collect()
-    }
+    use crate::ternary::rows_scalar;
+    use crate::ternary::test_data::{random_q, random_rows, run};
 
     /// Every row range (group-aligned or not), both levels, several tiles, against the scalar
     /// kernel; the extreme activations -128 and 127 included.
@@ -360,25 +346,12 @@ mod tests {
         for level in [IsaLevel::Native, IsaLevel::Baseline] {
             for (rows, k, tokens) in [(16, 128, 1), (37, 256, 2), (21, 2560, 3), (5, 1152, 1)] {
                 let jit = LutJit::compile(k, level).unwrap();
-                let w = codes(rows as u64 * 31 + k as u64, rows * k / 4);
-                let mut q: Vec<i8> = codes(9, k * tokens).iter().map(|&c| c as i8).collect();
+                let w = random_rows(rows, k, rows as u64 * 31 + k as u64);
+                let mut q = random_q(k * tokens, 9);
                 q[0] = -128;
                 q[1] = 127;
                 q[k - 1] = -128;
-                let mut expect = vec![0i32; rows * tokens];
-                unsafe {
-                    rows_scalar(&RowsArgs {
-                        w: w.as_ptr(),
-                        row_bytes: k / 4,
-                        rows,
-                        q: q.as_ptr(),
-                        k,
-                        tokens,
-                        q_stride: k,
-                        out: expect.as_mut_ptr(),
-                        out_stride: rows,
-                    })
-                };
+                let expect = run(rows_scalar, &w, rows, k, &q, tokens);
                 let mut rep = vec![0u8; repacked_bytes(rows, k)];
                 repack(&w, rows, k, &mut rep);
                 let tb = table_bytes(k);

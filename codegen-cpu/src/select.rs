@@ -282,17 +282,7 @@ pub fn choose_ternary(k: usize, n: usize, set: KernelSet) -> Result<TernaryChoic
     let mut best: [Option<(f64, TernaryKernel)>; 2] = [None, None];
     let mut lut_best: [Option<(f64, TernaryKernel)>; 2] = [None, None];
     for (slot, tokens) in [1usize, 32].into_iter().enumerate() {
-        let args = RowsArgs {
-            w: w.as_ptr(),
-            row_bytes: k / 4,
-            rows,
-            q: q.as_ptr(),
-            k,
-            tokens,
-            q_stride: k,
-            out: out.as_mut_ptr(),
-            out_stride: rows,
-        };
+        let args = RowsArgs::dense(&w, rows, k, &q, tokens, &mut out);
         for c in &candidates {
             let fastest = |f: &mut dyn FnMut()| {
                 (0..5)

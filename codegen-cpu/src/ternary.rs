@@ -20,6 +20,32 @@ pub struct RowsArgs {
     pub out_stride: usize,
 }
 
+impl RowsArgs {
+    /// `rows` rows of `k` elements stored back to back, `tokens` rows of `k` activations, and
+    /// `tokens` rows of `rows` results: the dense layout.
+    pub fn dense(
+        w: &[u8],
+        rows: usize,
+        k: usize,
+        q: &[i8],
+        tokens: usize,
+        out: &mut [i32],
+    ) -> Self {
+        assert!(w.len() >= rows * k / 4 && q.len() >= tokens * k && out.len() >= tokens * rows);
+        RowsArgs {
+            w: w.as_ptr(),
+            row_bytes: k / 4,
+            rows,
+            q: q.as_ptr(),
+            k,
+            tokens,
+            q_stride: k,
+            out: out.as_mut_ptr(),
+            out_stride: rows,
+        }
+    }
+}
+
 /// A row kernel. Safety: every pointer must cover the ranges the arguments describe, and `k`
 /// must be a multiple of 128.
 pub type RowsFn = unsafe fn(&RowsArgs);
@@ -204,11 +230,13 @@ unsafe fn tile_avx512<const R: usize, const T: usize>(a: &RowsArgs, r0: usize, t
     }
 }
 
+/// Random rows and activations for the kernels' tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_data {
+    use super::{RowsArgs, RowsFn};
 
-    fn random_rows(rows: usize, k: usize, seed: u64) -> Vec<u8> {
+    /// `rows` I2_S rows of `k` elements, codes 0..2 only, as writers produce.
+    pub fn random_rows(rows: usize, k: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;
         (0..rows * k / 4)
             .map(|_| {
@@ -222,7 +250,8 @@ mod tests {
             .collect()
     }
 
-    fn random_q(n: usize, seed: u64) -> Vec<i8> {
+    /// `n` int8 activations over the whole range.
+    pub fn random_q(n: usize, seed: u64) -> Vec<i8> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -234,22 +263,19 @@ mod tests {
             .collect()
     }
 
-    fn run(f: RowsFn, w: &[u8], rows: usize, k: usize, q: &[i8], tokens: usize) -> Vec<i32> {
+    /// `f` over dense rows and activations.
+    pub fn run(f: RowsFn, w: &[u8], rows: usize, k: usize, q: &[i8], tokens: usize) -> Vec<i32> {
         let mut out = vec![0i32; rows * tokens];
-        let args = RowsArgs {
-            w: w.as_ptr(),
-            row_bytes: k / 4,
-            rows,
-            q: q.as_ptr(),
-            k,
-            tokens,
-            q_stride: k,
-            out: out.as_mut_ptr(),
-            out_stride: rows,
-        };
-        unsafe { f(&args) };
+        // SAFETY: the dense arguments cover the buffers (checked by `dense`).
+        unsafe { f(&RowsArgs::dense(w, rows, k, q, tokens, &mut out)) };
         out
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_data::{random_q, random_rows, run};
+    use super::*;
 
     #[test]
     fn simd_kernels_equal_the_scalar_reference() {

@@ -77,17 +77,7 @@ proptest! {
         }
         for kernel in ternary_kernels(k) {
             let mut got = vec![0i32; rows * tokens];
-            let args = RowsArgs {
-                w: w.as_ptr(),
-                row_bytes: k / 4,
-                rows,
-                q: q.as_ptr(),
-                k,
-                tokens,
-                q_stride: k,
-                out: got.as_mut_ptr(),
-                out_stride: rows,
-            };
+            let args = RowsArgs::dense(&w, rows, k, &q, tokens, &mut got);
             // SAFETY: the buffers cover the arguments; the kernels were compiled for k.
             unsafe { kernel.run(&args) };
             prop_assert_eq!(&got, &want, "{} rows {} k {} tokens {}", kernel.name(), rows, k, tokens);

@@ -1051,6 +1051,15 @@ impl GgufFile {
         }
     }
 
+    /// The whole file the image lies in, as mapped (the image itself for a file held in
+    /// memory): what a container around the image stores beside it.
+    pub fn file_bytes(&self) -> &[u8] {
+        match &self.backing {
+            Backing::Mapped(m, _) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+
     /// The whole GGUF image, as mapped.
     pub fn bytes(&self) -> &[u8] {
         self.backing.bytes()

@@ -162,10 +162,13 @@ impl CudaExecutor {
             betas: Vec::new(),
         };
         b.allocate()?;
-        let max_k = plan
-            .buffers
+        // Scratch for the linear prologues: rows of the widest linear input.
+        let max_k = specs
             .iter()
-            .filter_map(|buf| buf.ty.shape.last().and_then(|d| d.fixed()))
+            .filter_map(|s| match s {
+                KernelSpec::NormQuant { k, .. } | KernelSpec::RmsNorm { k, .. } => Some(*k),
+                _ => None,
+            })
             .max()
             .unwrap_or(1);
         let q = b.alloc(batch * max_k as usize)?;

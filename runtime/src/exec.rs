@@ -2098,8 +2098,7 @@ impl<'p> Builder<'p> {
                             p.0 = Bytes::of(self.owned.last().expect("just pushed"));
                         }
                         self.src.release(name);
-                        self.packed
-                            .push((name.clone(), LUT_LAYOUT, Bytes { ..p.0 }));
+                        self.packed.push((name.clone(), LUT_LAYOUT, p.0));
                     }
                 }
                 (

@@ -30,7 +30,8 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let text =
         std::fs::read_to_string(&a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
     let model = super::load(&a.model, a.kv_cache, Some(a.ctx_size), None, &a.exec)?;
-    let n_tokens = model.tokenizer()?.encode(&text, true, false).len();
+    let tokens = model.tokenizer()?.encode(&text, true, false);
+    let n_tokens = tokens.len();
     let available = n_tokens / a.ctx_size.max(1);
     let chunks = a.chunks.map_or(available, |c| c.min(available));
     eprintln!(
@@ -38,7 +39,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         a.ctx_size
     );
     let started = Instant::now();
-    let p = bitnetc::perplexity::perplexity(&model, &text, a.ctx_size, a.chunks, |p| {
+    let p = bitnetc::perplexity::perplexity_tokens(&model, &tokens, a.ctx_size, a.chunks, |p| {
         if p.chunks == 1 {
             let s = started.elapsed().as_secs_f64();
             eprintln!(
