@@ -14,4 +14,10 @@ mkdir -p dist
 cp target/release/bitnetc dist/bitnetc
 cp "$test_bin" dist/cuda-tests
 strip dist/bitnetc dist/cuda-tests
+# A tiny plan with its kernels compiled ahead to PTX, which the GPU machine runs with no NVRTC
+# (needs NVRTC here: NVRTC_DIR names its lib folder if the loader does not find it).
+[ -n "${NVRTC_DIR:-}" ] && export LD_LIBRARY_PATH="$NVRTC_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+dist/bitnetc compile tests/fixtures/tiny/bitnetcpp-tiny-i2_s.gguf --target cuda \
+  --cuda-arch sm_80,sm_90 -o dist/tiny-cuda.bplan ||
+  echo "no NVRTC here: dist/ has no ahead-compiled plan"
 ls -la dist

@@ -122,9 +122,14 @@ pub enum Backend {
     /// The reference interpreter (one thread; the ground truth the kernels are tested against).
     Interpreter,
     /// An NVIDIA GPU (the `cuda` feature): kernels compiled by NVRTC for it, steps of at most
-    /// `batch` tokens, one session at a time.
+    /// `batch` tokens, one session at a time; `trace` times every kernel launch (see
+    /// [`runtime::Engine::gpu_trace`]).
     #[cfg(feature = "cuda")]
-    Cuda { ordinal: usize, batch: usize },
+    Cuda {
+        ordinal: usize,
+        batch: usize,
+        trace: bool,
+    },
 }
 
 impl Default for Backend {
@@ -226,9 +231,11 @@ fn bind(
         Backend::Compiled(exec) => runtime::Engine::compiled(plan, weights, context, exec)?,
         Backend::Interpreter => runtime::Engine::new(plan, weights, context)?,
         #[cfg(feature = "cuda")]
-        Backend::Cuda { ordinal, batch } => {
-            runtime::Engine::cuda(plan, weights, context, *batch, *ordinal, ptx)?
-        }
+        Backend::Cuda {
+            ordinal,
+            batch,
+            trace,
+        } => runtime::Engine::cuda(plan, weights, context, *batch, *ordinal, ptx, *trace)?,
     };
     let compile_time = compiling.elapsed();
     let meta = TokenizerMeta::from_gguf(&file).map_err(|e| file.model_error(e))?;

@@ -91,7 +91,8 @@ pub fn compile_ptx(source: &str, arch: &str) -> Result<String, CudaError> {
         .ok_or_else(|| CudaError::Arch(arch.to_string()))?;
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
-        options: vec!["--std=c++17".into()],
+        // No contraction of a·b + c into one rounding: the CPU path rounds twice.
+        options: vec!["--std=c++17".into(), "--fmad=false".into()],
         ..Default::default()
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| {

@@ -2,7 +2,7 @@
 //! names the step and what has no CUDA kernel yet.
 
 use crate::CudaError;
-use crate::render::{Broadcast, KernelSpec};
+use crate::render::{Broadcast, KernelSpec, Round};
 use bitnetc_ir::encoding::Encoding;
 use bitnetc_ir::op::Op;
 use bitnetc_ir::plan::{BufferId, Plan};
@@ -12,7 +12,15 @@ use bitnetc_ir::types::{DType, Dim};
 /// decoding on the device).
 pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
     let mut out = Vec::new();
+    let fusions = qkv_fusions(plan);
     for (i, step) in plan.steps.iter().enumerate() {
+        if fusions.iter().any(|f| f.absorbs(i)) {
+            continue;
+        }
+        if let Some(f) = fusions.iter().find(|f| f.split == i) {
+            out.push(f.spec.clone());
+            continue;
+        }
         let unsupported = |what: String| CudaError::Unsupported {
             step: i,
             op: step.op.name(),
@@ -59,6 +67,7 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
             | Op::Repack { .. } => {}
             Op::Embed => match weight(1)? {
                 (Encoding::F16, _, h) => out.push(KernelSpec::EmbedF16 { h }),
+                (Encoding::F32, _, h) => out.push(KernelSpec::EmbedF32 { h }),
                 (e, _, _) => return Err(unsupported(format!("{e} embedding tables"))),
             },
             Op::RmsNorm { eps } => out.push(KernelSpec::RmsNorm {
@@ -78,12 +87,14 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
                     residual: false,
                 });
             }
-            Op::Matmul { .. } => match weight(1)? {
-                (Encoding::F16, n, k) => out.push(KernelSpec::HalfRows {
+            Op::Matmul { half } => match weight(1)? {
+                (e @ (Encoding::F16 | Encoding::F32), n, k) => out.push(KernelSpec::FloatRows {
                     k,
                     n,
                     glu: None,
                     residual: false,
+                    f32_weights: e == Encoding::F32,
+                    round: Round::of(*half),
                 }),
                 (e, _, _) => return Err(unsupported(format!("{e} weights"))),
             },
@@ -91,7 +102,7 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
                 norm,
                 glu,
                 residual,
-                ..
+                half,
             } => {
                 let (enc, n, k) = weight(1)?;
                 if enc == Encoding::I2S && !k.is_multiple_of(128) {
@@ -107,15 +118,17 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
                             residual: *residual,
                         });
                     }
-                    Encoding::F16 => {
+                    Encoding::F16 | Encoding::F32 => {
                         if let Some(eps) = norm {
                             out.push(KernelSpec::RmsNorm { k, eps: *eps });
                         }
-                        out.push(KernelSpec::HalfRows {
+                        out.push(KernelSpec::FloatRows {
                             k,
                             n,
                             glu: *glu,
                             residual: *residual,
+                            f32_weights: enc == Encoding::F32,
+                            round: Round::of(*half),
                         });
                     }
                     e => return Err(unsupported(format!("{e} weights"))),
@@ -164,17 +177,25 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
                     d: fixed(&s, 2)?,
                 });
             }
-            Op::Attention { scale, .. } => {
+            Op::Attention { scale, kq, kqv } => {
                 if dtype(operand(1)?)? != DType::F16 {
                     return Err(unsupported("an f32 KV cache".into()));
                 }
                 let q = shape(operand(0)?)?;
                 let kc = shape(operand(1)?)?;
+                if !fixed(&q, 2)?.is_multiple_of(8) {
+                    return Err(unsupported(format!(
+                        "heads of {} values (the attention kernel reads 8 at a time)",
+                        fixed(&q, 2)?
+                    )));
+                }
                 out.push(KernelSpec::AttentionF16 {
                     h: fixed(&q, 1)?,
                     g: fixed(&kc, 1)?,
                     d: fixed(&q, 2)?,
                     scale: *scale,
+                    kq: Round::of(*kq),
+                    kqv: Round::of(*kqv),
                 });
             }
             Op::Split { sizes } => {
@@ -201,4 +222,126 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
         out.push(KernelSpec::Argmax { vocab: v });
     }
     Ok(out)
+}
+
+/// A split of fused Q/K/V rows whose parts only feed two RoPEs (Q and K, through reshapes) and
+/// the f16 cache append of the rotated K and of V: run as one [`KernelSpec::QkvRopeAppendF16`]
+/// at the split's step, the RoPE and append steps then launch nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QkvFusion {
+    pub split: usize,
+    pub rope_q: usize,
+    pub rope_k: usize,
+    pub append: usize,
+    pub spec: KernelSpec,
+}
+
+impl QkvFusion {
+    /// Whether step `i` is one of the steps the fused kernel does.
+    pub fn absorbs(&self, i: usize) -> bool {
+        i == self.rope_q || i == self.rope_k || i == self.append
+    }
+}
+
+/// Every [`QkvFusion`] of `plan`.
+pub fn qkv_fusions(plan: &Plan) -> Vec<QkvFusion> {
+    let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); plan.buffers.len()];
+    for (i, step) in plan.steps.iter().enumerate() {
+        for &b in &step.operands {
+            if let Some(c) = consumers.get_mut(b as usize) {
+                c.push(i);
+            }
+        }
+    }
+    // The one step that reads `b` (through reshapes), and the buffer it reads.
+    let sole = |mut b: BufferId| -> Option<(usize, BufferId)> {
+        loop {
+            let [c] = consumers.get(b as usize)?.as_slice() else {
+                return None;
+            };
+            let step = &plan.steps[*c];
+            match step.op {
+                Op::Reshape { .. } => b = *step.results.first()?,
+                _ => return Some((*c, b)),
+            }
+        }
+    };
+    let dims = |b: BufferId| -> Option<Vec<u64>> {
+        plan.buffers
+            .get(b as usize)?
+            .ty
+            .shape
+            .iter()
+            .skip(1)
+            .map(|d| d.fixed())
+            .collect()
+    };
+    let mut out = Vec::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let found = (|| {
+            let Op::Split { sizes } = &step.op else {
+                return None;
+            };
+            let [r0, r1, r2] = step.results.as_slice() else {
+                return None;
+            };
+            let (rq, q_in) = sole(*r0)?;
+            let (rk, k_in) = sole(*r1)?;
+            let (append, v_in) = sole(*r2)?;
+            let (
+                Op::Rope {
+                    theta,
+                    style,
+                    dims: rd,
+                },
+                Op::Rope {
+                    theta: tk,
+                    style: sk,
+                    dims: dk,
+                },
+            ) = (&plan.steps[rq].op, &plan.steps[rk].op)
+            else {
+                return None;
+            };
+            if (theta, style, rd) != (tk, sk, dk) || plan.steps[rq].operands.first() != Some(&q_in)
+            {
+                return None;
+            }
+            let (a, k_at) = sole(*plan.steps[rk].results.first()?)?;
+            let Op::KvAppend { cache, .. } = &plan.steps[append].op else {
+                return None;
+            };
+            let ops = &plan.steps[append].operands;
+            if a != append
+                || *cache != DType::F16
+                || plan.steps[rk].operands.first() != Some(&k_in)
+                || ops.first() != Some(&k_at)
+                || ops.get(1) != Some(&v_in)
+            {
+                return None;
+            }
+            let [h, d] = <[u64; 2]>::try_from(dims(q_in)?).ok()?;
+            let [g, dk2] = <[u64; 2]>::try_from(dims(k_in)?).ok()?;
+            let [g2, dv] = <[u64; 2]>::try_from(dims(v_in)?).ok()?;
+            if (dk2, dv, g2) != (d, d, g) || sizes.as_slice() != [h * d, g * d, g * d] {
+                return None;
+            }
+            Some(QkvFusion {
+                split: i,
+                rope_q: rq,
+                rope_k: rk,
+                append,
+                spec: KernelSpec::QkvRopeAppendF16 {
+                    h,
+                    g,
+                    d,
+                    dims: *rd as u64,
+                    theta: *theta,
+                    style: *style,
+                },
+            })
+        })();
+        out.extend(found);
+    }
+    out
 }

@@ -10,27 +10,35 @@
 //! Every kernel is `extern "C"` with a name that spells its specialization, so that one module
 //! holds a plan's kernels once each.
 
-use bitnetc_ir::types::{Activation, RopeStyle};
+use bitnetc_ir::types::{Activation, HalfPath, RopeStyle};
 use std::fmt::Write;
 
 /// Threads per block of the row kernels: 4 warps, one output row each at a time.
 pub const ROW_THREADS: u32 = 128;
 /// Threads per block of the per-token kernels (norms, quantization, attention).
 pub const TOKEN_THREADS: u32 = 256;
+/// Threads per block of the norm and quantization prologue of a linear layer: one block is a
+/// one-token step's whole prologue, so it takes as many threads as a block can have.
+pub const NORM_THREADS: u32 = 1024;
+/// Keys per block of the attention's score and value kernels (one thread per key).
+pub const ATTENTION_CHUNK: u32 = 128;
 
 /// One kernel, specialized to its shapes. The comments give each kernel's arguments and grid.
 #[derive(Clone, Debug, PartialEq)]
 pub enum KernelSpec {
     /// `(const int* ids, const u16* table, float* out)`; grid `T`: f16 rows to f32.
     EmbedF16 { h: u64 },
+    /// `(const int* ids, const float* table, float* out)`; grid `T`: f32 rows copied.
+    EmbedF32 { h: u64 },
     /// `(const float* x, const float* gain, float* y)`; grid `T`: RMSNorm, sum of squares in
     /// double, `1/sqrtf(mean + eps)`, `(x·scale)·gain`.
     RmsNorm { k: u64, eps: f32 },
-    /// `(const float* x, const float* gain, i8* q, float* s, int* qsum)`; grid `T`: optional
-    /// RMSNorm then bitnet.cpp's per-token int8 quantization.
+    /// `(const float* x, const float* gain, i8* q, float* s)`; grid `T`, [`NORM_THREADS`]
+    /// threads, each holding its values in registers: optional RMSNorm then bitnet.cpp's
+    /// per-token int8 quantization.
     NormQuant { k: u64, eps: Option<f32> },
-    /// `(const u8* w, const i8* q, const float* s, const int* qsum, const float* beta,
-    /// const float* residual, float* out)`; grid `(⌈M/4⌉, T)`: I2_S rows in their file layout,
+    /// `(const u8* w, const i8* q, const float* s, const float* beta, const float* residual,
+    /// float* out)`; grid `(⌈M/4⌉, T)`: I2_S rows in their file layout,
     /// one warp per output row; `M = n` (or `n/2` with a gated activation over rows `r` and
     /// `r + n/2`); `beta` per weight row.
     Ternary {
@@ -39,13 +47,18 @@ pub enum KernelSpec {
         glu: Option<Activation>,
         residual: bool,
     },
-    /// `(const u16* w, const float* x, const float* residual, float* out)`; grid `(⌈M/4⌉, T)`:
-    /// F16 rows against activations rounded to f16 (ggml's GEMV), f32 sums.
-    HalfRows {
+    /// `(const W* w, const float* x, const float* residual, float* out)`; grid `(⌈M/4⌉, T)`:
+    /// F16 (`W = u16`) or F32 rows against f32 activations, one warp per output row. F16 rows
+    /// follow the step's [`Round`]: the activations rounded to f16 and float sums (ggml's
+    /// GEMV and tinyBLAS), or kept and summed in double (ggml's f32 path, `Round::Never`);
+    /// F32 rows are summed in double.
+    FloatRows {
         k: u64,
         n: u64,
         glu: Option<Activation>,
         residual: bool,
+        f32_weights: bool,
+        round: Round,
     },
     /// `(const float* x, float* y, const int* pos)`; grid `(T, heads)`: ggml's iterative theta.
     Rope {
@@ -55,12 +68,46 @@ pub enum KernelSpec {
         theta: f32,
         style: RopeStyle,
     },
-    /// `(const float* k, const float* v, u16* kc, u16* vc, int pos0)`; grid `T`: f16 cache rows.
+    /// `(const float* qkv, float* q, u16* kc, u16* vc, const int* pos)`; grid `(T, h + g)`:
+    /// the fused Q/K/V rows of a token (`h·d`, `g·d`, `g·d` values) split, Q and K rotated
+    /// as by [`KernelSpec::Rope`], Q written to `q` and K and V to the f16 cache at the
+    /// token's position: the split, both RoPEs and the cache append in one launch.
+    QkvRopeAppendF16 {
+        h: u64,
+        g: u64,
+        d: u64,
+        dims: u64,
+        theta: f32,
+        style: RopeStyle,
+    },
+    /// `(const float* k, const float* v, u16* kc, u16* vc, const int* pos)`; grid `T`: f16
+    /// cache rows at each token's position.
     KvAppendF16 { g: u64, d: u64 },
-    /// `(const float* q, const u16* kc, const u16* vc, float* out, int pos0)`; grid `(T, h)`,
-    /// dynamic shared memory `4·(pos0 + T)` bytes: causal grouped-query attention over an f16
-    /// cache with ggml's roundings (q and the probabilities to f16) and softmax.
-    AttentionF16 { h: u64, g: u64, d: u64, scale: f32 },
+    /// Causal grouped-query attention over an f16 cache with ggml's roundings (q and the
+    /// probabilities to f16) and softmax, split across the sequence in chunks of
+    /// [`ATTENTION_CHUNK`] keys (flash-decoding), in two kernels over scratch sized for
+    /// `cap` positions and `chunks = ⌈cap / ATTENTION_CHUNK⌉`:
+    /// - `{name}_scores(const float* q, const u16* kc, float* sc, float* cmax, const int* pos,
+    ///   int cap, int chunks)`; grid `(T, h, chunks)`, [`ATTENTION_CHUNK`] threads, one key
+    ///   each: the scaled scores `sc[t,h,j]` and each chunk's maximum `cmax[t,h,c]`;
+    /// - `{name}_pv(const float* sc, const float* cmax, const u16* vc, float* po, float* out,
+    ///   int* done, const int* pos, int cap, int chunks)`; grid `(T, h, chunks)`,
+    ///   [`attention_pv_threads`] threads: the softmax's maximum and sum (in double, the same
+    ///   in every block), the chunk's probabilities (rounded to f16 as the step's path says)
+    ///   and their weighted sum of values `po[t,h,c,:]`; the last block of a head to finish
+    ///   (counted in `done`, zero between steps) adds the chunks' sums in order into `out`.
+    ///
+    /// Positions are read from `pos`, so the launches do not depend on them.
+    AttentionF16 {
+        h: u64,
+        g: u64,
+        d: u64,
+        scale: f32,
+        /// Whether q is rounded to f16 for the scores.
+        kq: Round,
+        /// Whether the probabilities are rounded to f16 for the values.
+        kqv: Round,
+    },
     /// `(const float* a, const float* b, float* y, long total)`; grid `⌈T·n/256⌉`: `b` of `a`'s
     /// shape, one row of `n` values, or one value.
     Binary { add: bool, n: u64, b: Broadcast },
@@ -71,6 +118,43 @@ pub enum KernelSpec {
     Columns { row: u64, col0: u64, cols: u64 },
     /// `(const float* logits, int* out)`; one block of 1024: the first index of the largest.
     Argmax { vocab: u64 },
+}
+
+/// Whether a float operand is rounded to f16 before a dot with f16 values, by the number of
+/// tokens the step evaluates (ggml's paths, [`HalfPath`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Round {
+    Always,
+    Never,
+    /// For a one-token step only (GEMV), not in a batch (tinyBLAS on f32).
+    OneToken,
+}
+
+impl Round {
+    pub fn of(path: HalfPath) -> Round {
+        match path {
+            HalfPath::F32 => Round::Never,
+            HalfPath::Gemv | HalfPath::Gemm16 => Round::Always,
+            HalfPath::Gemm32 => Round::OneToken,
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Round::Always => "a",
+            Round::Never => "n",
+            Round::OneToken => "1",
+        }
+    }
+
+    /// A CUDA condition; `tokens` is the step's token count in the kernel.
+    fn cond(self, tokens: &str) -> String {
+        match self {
+            Round::Always => "true".into(),
+            Round::Never => "false".into(),
+            Round::OneToken => format!("({tokens} == 1)"),
+        }
+    }
 }
 
 /// How the second operand of a [`KernelSpec::Binary`] spreads over the first.
@@ -104,6 +188,7 @@ impl KernelSpec {
         };
         match self {
             KernelSpec::EmbedF16 { h } => format!("embed_f16_h{h}"),
+            KernelSpec::EmbedF32 { h } => format!("embed_f32_h{h}"),
             KernelSpec::RmsNorm { k, eps } => format!("rms_norm_k{k}_e{:08x}", eps.to_bits()),
             KernelSpec::NormQuant { k, eps } => match eps {
                 Some(e) => format!("norm_quant_k{k}_e{:08x}", e.to_bits()),
@@ -115,12 +200,26 @@ impl KernelSpec {
                 glu,
                 residual,
             } => format!("ternary_k{k}_n{n}{}", glu_res(glu, *residual)),
-            KernelSpec::HalfRows {
+            KernelSpec::FloatRows {
                 k,
                 n,
                 glu,
                 residual,
-            } => format!("f16_rows_k{k}_n{n}{}", glu_res(glu, *residual)),
+                f32_weights: true,
+                ..
+            } => format!("f32_rows_k{k}_n{n}{}", glu_res(glu, *residual)),
+            KernelSpec::FloatRows {
+                k,
+                n,
+                glu,
+                residual,
+                round,
+                ..
+            } => format!(
+                "f16_rows_k{k}_n{n}_r{}{}",
+                round.tag(),
+                glu_res(glu, *residual)
+            ),
             KernelSpec::Rope {
                 heads,
                 d,
@@ -136,9 +235,34 @@ impl KernelSpec {
                 theta.to_bits()
             ),
             KernelSpec::KvAppendF16 { g, d } => format!("kv_append_f16_g{g}_d{d}"),
-            KernelSpec::AttentionF16 { h, g, d, scale } => {
-                format!("attention_f16_h{h}_g{g}_d{d}_s{:08x}", scale.to_bits())
-            }
+            KernelSpec::QkvRopeAppendF16 {
+                h,
+                g,
+                d,
+                dims,
+                theta,
+                style,
+            } => format!(
+                "qkv_rope_{}_append_f16_h{h}_g{g}_d{d}_r{dims}_t{:08x}",
+                match style {
+                    RopeStyle::Neox => "neox",
+                    RopeStyle::Norm => "norm",
+                },
+                theta.to_bits()
+            ),
+            KernelSpec::AttentionF16 {
+                h,
+                g,
+                d,
+                scale,
+                kq,
+                kqv,
+            } => format!(
+                "attention_f16_h{h}_g{g}_d{d}_s{:08x}_r{}{}",
+                scale.to_bits(),
+                kq.tag(),
+                kqv.tag()
+            ),
             KernelSpec::Binary { add, n, b } => format!(
                 "{}_n{n}{}",
                 if *add { "add" } else { "mul" },
@@ -166,6 +290,14 @@ impl KernelSpec {
 }}
 "#
             ),
+            KernelSpec::EmbedF32 { h } => format!(
+                r#"extern "C" __global__ void {name}(const int* ids, const float* table, float* out) {{
+    const long t = blockIdx.x;
+    const float* row = table + (long)ids[t] * {h};
+    for (int i = threadIdx.x; i < {h}; i += blockDim.x) out[t * {h} + i] = row[i];
+}}
+"#
+            ),
             KernelSpec::RmsNorm { k, eps } => format!(
                 r#"extern "C" __global__ void {name}(const float* x, const float* gain, float* y) {{
     const long t = blockIdx.x;
@@ -176,32 +308,46 @@ impl KernelSpec {
                 eps = float_lit(*eps)
             ),
             KernelSpec::NormQuant { k, eps } => {
-                let (scale, value) = match eps {
-                    Some(e) => (
-                        format!("rms_scale(xt, {k}, {})", float_lit(*e)),
-                        "(xt[i] * scale) * gain[i]",
+                let norm = match eps {
+                    Some(e) => format!(
+                        r#"    double ss = 0.0;
+    for (int u = 0; u < {e}; u++) ss += (double)v[u] * (double)v[u];
+    ss = block_sum_double(ss);
+    const float scale = 1.0f / sqrtf((float)(ss / {k}) + {eps});
+    for (int u = 0; u < {e}; u++) {{
+        const int i = threadIdx.x + u * {bt};
+        if (i < {k}) v[u] = (v[u] * scale) * gain[i];
+    }}
+"#,
+                        e = k.div_ceil(NORM_THREADS as u64),
+                        bt = NORM_THREADS,
+                        eps = float_lit(*e)
                     ),
-                    None => ("1.0f".to_string(), "xt[i]"),
+                    None => String::new(),
                 };
                 format!(
-                    r#"extern "C" __global__ void {name}(const float* x, const float* gain, i8* q, float* s, int* qsum) {{
+                    r#"extern "C" __global__ void {name}(const float* x, const float* gain, i8* q, float* s) {{
     const long t = blockIdx.x;
     const float* xt = x + t * {k};
-    const float scale = {scale};
-    float amax = 0.0f;
-    for (int i = threadIdx.x; i < {k}; i += blockDim.x) amax = fmaxf(amax, fabsf({value}));
+    float v[{e}];
+    #pragma unroll
+    for (int u = 0; u < {e}; u++) {{
+        const int i = threadIdx.x + u * {bt};
+        v[u] = i < {k} ? xt[i] : 0.0f;
+    }}
+{norm}    float amax = 0.0f;
+    for (int u = 0; u < {e}; u++) amax = fmaxf(amax, fabsf(v[u]));
     amax = block_max(amax);
     const float st = (float)(127.0 / fmax((double)amax, 1e-5));
-    int sum = 0;
-    for (int i = threadIdx.x; i < {k}; i += blockDim.x) {{
-        const int c = min(127, max(-128, __float2int_rn(({value}) * st)));
-        q[t * {k} + i] = (i8)c;
-        sum += c;
+    for (int u = 0; u < {e}; u++) {{
+        const int i = threadIdx.x + u * {bt};
+        if (i < {k}) q[t * {k} + i] = (i8)min(127, max(-128, __float2int_rn(v[u] * st)));
     }}
-    sum = block_sum_int(sum);
-    if (threadIdx.x == 0) {{ s[t] = st; qsum[t] = sum; }}
+    if (threadIdx.x == 0) s[t] = st;
 }}
-"#
+"#,
+                    e = k.div_ceil(NORM_THREADS as u64),
+                    bt = NORM_THREADS
                 )
             }
             KernelSpec::Ternary {
@@ -224,7 +370,7 @@ impl KernelSpec {
                 };
                 let up = if glu.is_some() {
                     format!(
-                        "\n    const int su = {};\n    const float up = ((float)(su - qsum[t]) / s[t]) * beta[r + {m}];",
+                        "\n    const int su = {};\n    const float up = ((float)su / s[t]) * beta[r + {m}];",
                         dot(&format!("r + {m}"))
                     )
                 } else {
@@ -236,31 +382,46 @@ impl KernelSpec {
                     String::new()
                 };
                 format!(
-                    r#"extern "C" __global__ void {name}(const u8* w, const i8* q, const float* s, const int* qsum, const float* beta, const float* residual, float* out) {{
+                    r#"extern "C" __global__ void {name}(const u8* w, const i8* q, const float* s, const float* beta, const float* residual, float* out) {{
     const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const long t = blockIdx.y;
     if (r >= {m}) return;
     const i8* qt = q + t * {k};
     const int sg = {gate};
-    const float gate = ((float)(sg - qsum[t]) / s[t]) * beta[r];{up}
+    const float gate = ((float)sg / s[t]) * beta[r];{up}
     if ((threadIdx.x & 31) == 0) out[t * {m} + r] = {value}{res};
 }}
 "#,
                     gate = dot("r"),
                 )
             }
-            KernelSpec::HalfRows {
+            KernelSpec::FloatRows {
                 k,
                 n,
                 glu,
                 residual,
+                f32_weights,
+                round,
             } => {
                 let m = if glu.is_some() { n / 2 } else { *n };
+                let (ty, row) = if *f32_weights {
+                    ("float", "f32_row_f64(ROW, xt, K)".to_string())
+                } else if *round == Round::Never {
+                    ("u16", "f16_row_f64(ROW, xt, K)".to_string())
+                } else {
+                    let f = if k.is_multiple_of(8) {
+                        "f16_row8"
+                    } else {
+                        "f16_row"
+                    };
+                    ("u16", format!("{f}(ROW, xt, K, round)"))
+                };
+                let row = |r: &str| {
+                    row.replace("ROW", &format!("w + (long)({r}) * {k}"))
+                        .replace("K", &k.to_string())
+                };
                 let value = match glu {
-                    Some(a) => format!(
-                        "{} * f16_row(w + (long)(r + {m}) * {k}, xt, {k})",
-                        act_call(*a, "gate")
-                    ),
+                    Some(a) => format!("{} * {}", act_call(*a, "gate"), row(&format!("r + {m}"))),
                     None => "gate".to_string(),
                 };
                 let res = if *residual {
@@ -269,16 +430,19 @@ impl KernelSpec {
                     String::new()
                 };
                 format!(
-                    r#"extern "C" __global__ void {name}(const u16* w, const float* x, const float* residual, float* out) {{
+                    r#"extern "C" __global__ void {name}(const {ty}* w, const float* x, const float* residual, float* out) {{
     const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const long t = blockIdx.y;
     if (r >= {m}) return;
+    const bool round = {cond};
     const float* xt = x + t * {k};
-    const float gate = f16_row(w + (long)r * {k}, xt, {k});
+    const float gate = {gate};
     const float v = {value}{res};
     if ((threadIdx.x & 31) == 0) out[t * {m} + r] = v;
 }}
-"#
+"#,
+                    cond = round.cond("gridDim.y"),
+                    gate = row("r"),
                 )
             }
             KernelSpec::Rope {
@@ -287,36 +451,53 @@ impl KernelSpec {
                 dims,
                 theta,
                 style,
-            } => {
-                let (a, b) = match style {
-                    RopeStyle::Neox => ("i", format!("i + {}", dims / 2)),
-                    RopeStyle::Norm => ("2 * i", "2 * i + 1".to_string()),
-                };
-                format!(
-                    r#"extern "C" __global__ void {name}(const float* x, float* y, const int* pos) {{
+            } => format!(
+                r#"extern "C" __global__ void {name}(const float* x, float* y, const int* pos) {{
     const long t = blockIdx.x;
     const long base = (t * {heads} + blockIdx.y) * {d};
     for (int j = threadIdx.x; j < {d}; j += blockDim.x) y[base + j] = x[base + j];
     __syncthreads();
-    const float theta_scale = {theta_scale};
-    for (int i = threadIdx.x; i < {half}; i += blockDim.x) {{
-        float th = (float)pos[t];
-        for (int j = 0; j < i; j++) th *= theta_scale;
-        const float c = cosf(th), s = sinf(th);
-        const float x0 = x[base + {a}], x1 = x[base + {b}];
-        y[base + {a}] = x0 * c - x1 * s;
-        y[base + {b}] = x0 * s + x1 * c;
+{rotate}}}
+"#,
+                rotate = rope_body("x + base", "y + base", *dims, *theta, *style)
+            ),
+            KernelSpec::QkvRopeAppendF16 {
+                h,
+                g,
+                d,
+                dims,
+                theta,
+                style,
+            } => format!(
+                r#"extern "C" __global__ void {name}(const float* qkv, float* q, u16* kc, u16* vc, const int* pos) {{
+    __shared__ float y[{d}];
+    const long t = blockIdx.x;
+    const int head = blockIdx.y;
+    const float* row = qkv + t * {row};
+    const float* x = row + head * {d};
+    for (int j = threadIdx.x; j < {d}; j += blockDim.x) y[j] = x[j];
+    __syncthreads();
+{rotate}    __syncthreads();
+    if (head < {h}) {{
+        for (int j = threadIdx.x; j < {d}; j += blockDim.x) q[(t * {h} + head) * {d} + j] = y[j];
+    }} else {{
+        const long dst = (long)pos[t] * {gd} + (head - {h}) * {d};
+        const float* v = row + ({h} + {g}) * {d} + (head - {h}) * {d};
+        for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{
+            kc[dst + j] = f2h(y[j]);
+            vc[dst + j] = f2h(v[j]);
+        }}
     }}
 }}
 "#,
-                    theta_scale = float_lit(theta.powf(-2.0 / *dims as f32)),
-                    half = dims / 2
-                )
-            }
+                row = (h + 2 * g) * d,
+                gd = g * d,
+                rotate = rope_body("x", "y", *dims, *theta, *style)
+            ),
             KernelSpec::KvAppendF16 { g, d } => format!(
-                r#"extern "C" __global__ void {name}(const float* k, const float* v, u16* kc, u16* vc, int pos0) {{
+                r#"extern "C" __global__ void {name}(const float* k, const float* v, u16* kc, u16* vc, const int* pos) {{
     const long t = blockIdx.x;
-    const long dst = (pos0 + t) * {gd};
+    const long dst = (long)pos[t] * {gd};
     for (int i = threadIdx.x; i < {gd}; i += blockDim.x) {{
         kc[dst + i] = f2h(k[t * {gd} + i]);
         vc[dst + i] = f2h(v[t * {gd} + i]);
@@ -325,43 +506,118 @@ impl KernelSpec {
 "#,
                 gd = g * d
             ),
-            KernelSpec::AttentionF16 { h, g, d, scale } => format!(
-                r#"extern "C" __global__ void {name}(const float* q, const u16* kc, const u16* vc, float* out, int pos0) {{
-    extern __shared__ float p[];
+            KernelSpec::AttentionF16 {
+                h,
+                g,
+                d,
+                scale,
+                kq,
+                kqv,
+            } => format!(
+                r#"extern "C" __global__ void {name}_scores(const float* q, const u16* kc, float* sc, float* cmax, const int* pos, int cap, int chunks) {{
     __shared__ float qh[{d}];
     const long t = blockIdx.x;
-    const int head = blockIdx.y;
+    const int head = blockIdx.y, c = blockIdx.z;
+    const long th = t * {h} + head;
+    const int n = pos[t] + 1;
+    if (c * {ch} >= n) {{
+        if (threadIdx.x == 0) cmax[th * chunks + c] = -INFINITY;
+        return;
+    }}
     const int kvh = head / {group};
-    const int n = pos0 + (int)t + 1;
-    for (int i = threadIdx.x; i < {d}; i += blockDim.x) qh[i] = round_f16(q[(t * {h} + head) * {d} + i]);
+    const bool round = {kq};
+    for (int i = threadIdx.x; i < {d}; i += blockDim.x) qh[i] = round ? round_f16(q[th * {d} + i]) : q[th * {d} + i];
     __syncthreads();
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {{
-        const u16* kr = kc + ((long)j * {g} + kvh) * {d};
+    const int j = c * {ch} + threadIdx.x;
+    float s = -INFINITY;
+    if (j < n) {{
+        const uint4* kr = (const uint4*)(kc + ((long)j * {g} + kvh) * {d});
         float acc = 0.0f;
-        for (int i = 0; i < {d}; i++) acc = fmaf(qh[i], h2f(kr[i]), acc);
-        p[j] = acc * {scale};
-        mx = fmaxf(mx, p[j]);
+        #pragma unroll 4
+        for (int u = 0; u < {d} / 8; u++) {{
+            const uint4 k8 = kr[u];
+            acc = fmaf(qh[8 * u + 0], h2f((u16)(k8.x & 0xffffu)), acc);
+            acc = fmaf(qh[8 * u + 1], h2f((u16)(k8.x >> 16)), acc);
+            acc = fmaf(qh[8 * u + 2], h2f((u16)(k8.y & 0xffffu)), acc);
+            acc = fmaf(qh[8 * u + 3], h2f((u16)(k8.y >> 16)), acc);
+            acc = fmaf(qh[8 * u + 4], h2f((u16)(k8.z & 0xffffu)), acc);
+            acc = fmaf(qh[8 * u + 5], h2f((u16)(k8.z >> 16)), acc);
+            acc = fmaf(qh[8 * u + 6], h2f((u16)(k8.w & 0xffffu)), acc);
+            acc = fmaf(qh[8 * u + 7], h2f((u16)(k8.w >> 16)), acc);
+        }}
+        s = acc * {scale};
+        sc[th * cap + j] = s;
     }}
-    mx = block_max(mx);
+    s = block_max(s);
+    if (threadIdx.x == 0) cmax[th * chunks + c] = s;
+}}
+extern "C" __global__ void {name}_pv(const float* sc, const float* cmax, const u16* vc, float* po, float* out, int* done, const int* pos, int cap, int chunks) {{
+    __shared__ float pr[{ch}];
+    __shared__ float part[{groups}][{d}];
+    __shared__ bool last;
+    const long t = blockIdx.x;
+    const int head = blockIdx.y, c = blockIdx.z;
+    const long th = t * {h} + head;
+    const int n = pos[t] + 1;
+    if (c * {ch} >= n) return;
+    const int used = (n + {ch} - 1) / {ch};
+    float mx = -INFINITY;
+    for (int i = 0; i < used; i++) mx = fmaxf(mx, cmax[th * chunks + i]);
+    const float* s = sc + th * cap;
     double sum = 0.0;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {{
-        p[j] = expf_ggml(p[j] - mx);
-        sum += p[j];
-    }}
+    for (int j = threadIdx.x; j < n; j += blockDim.x) sum += expf_ggml(s[j] - mx);
     sum = block_sum_double(sum);
     const float inv = (float)(1.0 / sum);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) p[j] = round_f16(p[j] * inv);
-    __syncthreads();
-    for (int i = threadIdx.x; i < {d}; i += blockDim.x) {{
-        float acc = 0.0f;
-        for (int j = 0; j < n; j++) acc = fmaf(p[j], h2f(vc[((long)j * {g} + kvh) * {d} + i]), acc);
-        out[(t * {h} + head) * {d} + i] = acc;
+    const bool round = {kqv};
+    const int j0 = c * {ch}, j1 = min(n, j0 + {ch});
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {{
+        const float p = expf_ggml(s[j] - mx) * inv;
+        pr[j - j0] = round ? round_f16(p) : p;
     }}
+    __syncthreads();
+    // {groups} groups of {lanes} threads, each thread two dimensions, each group every
+    // {groups}th key of the chunk; the groups' sums are added in order.
+    const int kvh = head / {group};
+    const int grp = threadIdx.x / {lanes}, i = 2 * (threadIdx.x % {lanes});
+    if (grp < {groups}) {{
+        float a0 = 0.0f, a1 = 0.0f;
+        #pragma unroll 4
+        for (int j = j0 + grp; j < j1; j += {groups}) {{
+            const unsigned int v2 = *(const unsigned int*)(vc + ((long)j * {g} + kvh) * {d} + i);
+            a0 = fmaf(pr[j - j0], h2f((u16)(v2 & 0xffffu)), a0);
+            a1 = fmaf(pr[j - j0], h2f((u16)(v2 >> 16)), a1);
+        }}
+        part[grp][i] = a0;
+        part[grp][i + 1] = a1;
+    }}
+    __syncthreads();
+    for (int e = threadIdx.x; e < {d}; e += blockDim.x) {{
+        float acc = 0.0f;
+        for (int q = 0; q < {groups}; q++) acc += part[q][e];
+        po[(th * chunks + c) * {d} + e] = acc;
+    }}
+    // The last of the chunks' blocks to finish adds their sums, in order.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done + th, 1) == used - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < {d}; e += blockDim.x) {{
+        float acc = 0.0f;
+        for (int q = 0; q < used; q++) acc += __ldcg(po + (th * chunks + q) * {d} + e);
+        out[th * {d} + e] = acc;
+    }}
+    if (threadIdx.x == 0) done[th] = 0;
 }}
 "#,
                 group = h / g,
-                scale = float_lit(*scale)
+                scale = float_lit(*scale),
+                ch = ATTENTION_CHUNK,
+                lanes = d / 2,
+                groups = attention_groups(*d),
+                kq = kq.cond("gridDim.x"),
+                kqv = kqv.cond("gridDim.x")
             ),
             KernelSpec::Binary { add, n, b } => format!(
                 r#"extern "C" __global__ void {name}(const float* a, const float* b, float* y, long total) {{
@@ -421,6 +677,41 @@ impl KernelSpec {
     }
 }
 
+/// Key groups of the attention's value kernel: `d/2` threads each (two dimensions per thread),
+/// as many as fit 256 threads when `d/2` divides 256.
+fn attention_groups(d: u64) -> u64 {
+    let lanes = (d / 2).max(1);
+    if 256 % lanes == 0 { 256 / lanes } else { 1 }
+}
+
+/// Threads per block of the attention's value kernel (a multiple of 32).
+pub fn attention_pv_threads(d: u64) -> u32 {
+    ((d / 2).max(1) * attention_groups(d)).next_multiple_of(32) as u32
+}
+
+/// ggml's RoPE of one head (`pos[t]`, iterative theta) from `x` into `y`, which already holds a
+/// copy of `x` (the dimensions past `dims` stay as they are).
+fn rope_body(x: &str, y: &str, dims: u64, theta: f32, style: RopeStyle) -> String {
+    let (a, b) = match style {
+        RopeStyle::Neox => ("i".to_string(), format!("i + {}", dims / 2)),
+        RopeStyle::Norm => ("2 * i".to_string(), "2 * i + 1".to_string()),
+    };
+    format!(
+        r#"    const float theta_scale = {theta_scale};
+    for (int i = threadIdx.x; i < {half}; i += blockDim.x) {{
+        float th = (float)pos[t];
+        for (int j = 0; j < i; j++) th *= theta_scale;
+        const float c = cosf(th), s = sinf(th);
+        const float x0 = ({x})[{a}], x1 = ({x})[{b}];
+        ({y})[{a}] = x0 * c - x1 * s;
+        ({y})[{b}] = x0 * s + x1 * c;
+    }}
+"#,
+        theta_scale = float_lit(theta.powf(-2.0 / dims as f32)),
+        half = dims / 2
+    )
+}
+
 /// A float as an exact CUDA literal (its bits), so that rendering round-trips every value.
 fn float_lit(v: f32) -> String {
     format!("__int_as_float(0x{:08x})", v.to_bits())
@@ -445,26 +736,18 @@ __device__ __forceinline__ int warp_sum_int(int v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-// Block reductions over blockDim.x (a multiple of 32, at most 1024); every thread gets the result.
+// Block reductions over blockDim.x (a multiple of 32, at most 1024); every thread gets the
+// result: each warp reduces itself, then every warp reduces the warps' partials (the same
+// order in each).
 __device__ float block_max(float v) {
     __shared__ float part[32];
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     __syncthreads();
     if ((threadIdx.x & 31) == 0) part[threadIdx.x / 32] = v;
     __syncthreads();
-    float m = part[0];
-    for (int i = 1; i < (int)(blockDim.x / 32); i++) m = fmaxf(m, part[i]);
+    float m = (threadIdx.x & 31) < blockDim.x / 32 ? part[threadIdx.x & 31] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     return m;
-}
-__device__ int block_sum_int(int v) {
-    __shared__ int part[32];
-    v = warp_sum_int(v);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x / 32] = v;
-    __syncthreads();
-    int s = 0;
-    for (int i = 0; i < (int)(blockDim.x / 32); i++) s += part[i];
-    return s;
 }
 __device__ double block_sum_double(double v) {
     __shared__ double part[32];
@@ -472,8 +755,8 @@ __device__ double block_sum_double(double v) {
     __syncthreads();
     if ((threadIdx.x & 31) == 0) part[threadIdx.x / 32] = v;
     __syncthreads();
-    double s = 0.0;
-    for (int i = 0; i < (int)(blockDim.x / 32); i++) s += part[i];
+    double s = (threadIdx.x & 31) < blockDim.x / 32 ? part[threadIdx.x & 31] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return s;
 }
 
@@ -502,27 +785,66 @@ __device__ float expf_ggml(float x) {
 __device__ __forceinline__ float act_silu(float x) { return x / (1.0f + expf_ggml(-x)); }
 __device__ __forceinline__ float act_relu2(float x) { const float r = x > 0.0f ? x : 0.0f; return r * r; }
 
-// Σ c·q over one I2_S row (codes 0..2 in 128/32 blocks) by one warp: each lane takes 4 bytes
-// (16 codes) at a time; the 4 codes of one group meet 4 consecutive activations.
+// Σ (c − 1)·q over one I2_S row (codes 0..2 in 128/32 blocks) by one warp, exact. Byte b of
+// word j of a block holds the codes of activations 4j + b + 32g at bits 6 − 2g; each lane
+// reads 16 bytes (4 words, 64 codes) at a time and the activations they meet as 4 × 16 bytes;
+// __vsub4 makes the codes signed bytes −1..1 without borrows between bytes.
 __device__ int ternary_row(const u8* w, const i8* q, int words) {
     int acc = 0;
-    for (int i = threadIdx.x & 31; i < words; i += 32) {
-        const unsigned int packed = ((const unsigned int*)w)[i];
-        const int base = (i / 8) * 128 + (i % 8) * 4;
+    for (int u = threadIdx.x & 31; u < words / 4; u += 32) {
+        const uint4 packed = ((const uint4*)w)[u];
+        const int base = (u / 2) * 128 + (u % 2) * 16;
         #pragma unroll
         for (int g = 0; g < 4; g++) {
-            const int codes = (int)((packed >> (6 - 2 * g)) & 0x03030303u);
-            acc = __dp4a(codes, *(const int*)(q + base + 32 * g), acc);
+            const int4 a = *(const int4*)(q + base + 32 * g);
+            const int sh = 6 - 2 * g;
+            acc = __dp4a((int)__vsub4((packed.x >> sh) & 0x03030303u, 0x01010101u), a.x, acc);
+            acc = __dp4a((int)__vsub4((packed.y >> sh) & 0x03030303u, 0x01010101u), a.y, acc);
+            acc = __dp4a((int)__vsub4((packed.z >> sh) & 0x03030303u, 0x01010101u), a.z, acc);
+            acc = __dp4a((int)__vsub4((packed.w >> sh) & 0x03030303u, 0x01010101u), a.w, acc);
         }
     }
     return warp_sum_int(acc);
 }
 
-// One f16 row against activations rounded to f16, by one warp, summed in float.
-__device__ float f16_row(const u16* w, const float* x, int k) {
+// One f16 row against activations (rounded to f16 when `round`), by one warp, summed in float.
+__device__ __forceinline__ float maybe_f16(float v, bool round) { return round ? round_f16(v) : v; }
+__device__ float f16_row(const u16* w, const float* x, int k, bool round) {
     float acc = 0.0f;
-    for (int i = threadIdx.x & 31; i < k; i += 32) acc = fmaf(h2f(w[i]), round_f16(x[i]), acc);
+    for (int i = threadIdx.x & 31; i < k; i += 32) acc = fmaf(h2f(w[i]), maybe_f16(x[i], round), acc);
     return warp_sum(acc);
+}
+// The same for k a multiple of 8 (rows 16-byte aligned): each lane reads 8 halves at a time.
+__device__ float f16_row8(const u16* w, const float* x, int k, bool round) {
+    float acc = 0.0f;
+    for (int u = threadIdx.x & 31; u < k / 8; u += 32) {
+        const uint4 h = ((const uint4*)w)[u];
+        const float4 a = ((const float4*)x)[2 * u], b = ((const float4*)x)[2 * u + 1];
+        acc = fmaf(h2f((u16)(h.x & 0xffffu)), maybe_f16(a.x, round), acc);
+        acc = fmaf(h2f((u16)(h.x >> 16)), maybe_f16(a.y, round), acc);
+        acc = fmaf(h2f((u16)(h.y & 0xffffu)), maybe_f16(a.z, round), acc);
+        acc = fmaf(h2f((u16)(h.y >> 16)), maybe_f16(a.w, round), acc);
+        acc = fmaf(h2f((u16)(h.z & 0xffffu)), maybe_f16(b.x, round), acc);
+        acc = fmaf(h2f((u16)(h.z >> 16)), maybe_f16(b.y, round), acc);
+        acc = fmaf(h2f((u16)(h.w & 0xffffu)), maybe_f16(b.z, round), acc);
+        acc = fmaf(h2f((u16)(h.w >> 16)), maybe_f16(b.w, round), acc);
+    }
+    return warp_sum(acc);
+}
+__device__ __forceinline__ double warp_sum_double(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// An f16 or f32 row against f32 activations, by one warp, summed in double.
+__device__ float f16_row_f64(const u16* w, const float* x, int k) {
+    double acc = 0.0;
+    for (int i = threadIdx.x & 31; i < k; i += 32) acc += (double)h2f(w[i]) * (double)x[i];
+    return (float)warp_sum_double(acc);
+}
+__device__ float f32_row_f64(const float* w, const float* x, int k) {
+    double acc = 0.0;
+    for (int i = threadIdx.x & 31; i < k; i += 32) acc += (double)w[i] * (double)x[i];
+    return (float)warp_sum_double(acc);
 }
 
 "#;

@@ -6,7 +6,9 @@
 //! driver library can be loaded before touching it.
 
 use crate::exec::LogitRows;
-use bitnetc_codegen_cuda::render::{self, KernelSpec, ROW_THREADS, TOKEN_THREADS};
+use bitnetc_codegen_cuda::render::{
+    self, ATTENTION_CHUNK, KernelSpec, NORM_THREADS, ROW_THREADS, TOKEN_THREADS,
+};
 use bitnetc_ir::encoding::{Encoding, i2s_scale};
 use bitnetc_ir::interp::WeightSource;
 use bitnetc_ir::op::Op;
@@ -61,6 +63,8 @@ enum Grid {
     Elems(u64),
     /// `(T, heads)`.
     TokenHeads(u32),
+    /// `(T, heads, chunks)`.
+    TokenHeadsChunks(u32, u32),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -71,16 +75,16 @@ enum Arg {
     Row(u64, u64),
     /// `T·n` as a 64-bit integer.
     Total(u64),
-    /// The first position of the step.
-    Pos0,
+    /// A 32-bit constant.
+    I32(i32),
 }
 
 struct Launch {
     f: CudaFunction,
+    /// The kernel's name, for the trace.
+    name: String,
     grid: Grid,
     block: u32,
-    /// Attention: `4·(pos0 + T)` bytes of dynamic shared memory.
-    attention: bool,
     /// Part of the output projection: runs for the last token alone when only its logits are
     /// wanted.
     head: bool,
@@ -102,7 +106,20 @@ pub struct CudaExecutor {
     vocab: usize,
     /// The device's name and compute capability.
     pub device: String,
+    /// The launches of a one-token step, captured once into a CUDA graph and replayed.
+    graph: Option<Graph>,
+    /// Whether one-token steps run as a graph (`BITNETC_CUDA_GRAPHS=0` turns it off).
+    graphs: bool,
+    /// Per launch (in order), for one-token steps and for larger ones: calls and time, when
+    /// tracing.
+    trace: Option<Vec<[(u64, std::time::Duration); 2]>>,
 }
+
+/// A captured graph. The executor holds it and is used by one thread at a time (it sits in
+/// the engine's mutex); the graph is only launched from there.
+struct Graph(cudarc::driver::CudaGraph);
+// SAFETY: the graph is reached only through `&mut CudaExecutor`, from one thread at a time.
+unsafe impl Send for Graph {}
 
 impl CudaExecutor {
     /// Takes `plan`'s kernels from `ptx` (architecture, PTX: the newest `sm_XY` not newer than
@@ -126,7 +143,8 @@ impl CudaExecutor {
             "{} (sm_{major}{minor})",
             ctx.name().unwrap_or_else(|_| "GPU".into())
         );
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(driver)?;
         let specs = bitnetc_codegen_cuda::plan::plan_kernels(plan)?;
         let cc = major * 10 + minor;
         let ahead = ptx
@@ -160,6 +178,7 @@ impl CudaExecutor {
             capacity,
             launches: Vec::new(),
             betas: Vec::new(),
+            positions: 0,
         };
         b.allocate()?;
         // Scratch for the linear prologues: rows of the widest linear input.
@@ -173,16 +192,31 @@ impl CudaExecutor {
             .unwrap_or(1);
         let q = b.alloc(batch * max_k as usize)?;
         let s = b.alloc(batch * 4)?;
-        let qsum = b.alloc(batch * 4)?;
         let xn = b.alloc(batch * max_k as usize * 4)?;
         let mut kernels = specs.into_iter();
+        let input = |b: &Builder, name: &str| {
+            plan.buffers
+                .iter()
+                .position(|buf| matches!(&buf.storage, Storage::Input { name: n } if n == name))
+                .map_or(0, |i| b.ptrs[i])
+        };
+        let (tokens_ptr, positions_ptr) = (input(&b, "tokens"), input(&b, "positions"));
+        b.positions = positions_ptr;
         let logits_buffer = plan.steps.iter().find_map(|s| match &s.op {
             Op::Output { name } if name == "logits" => s.operands.first().copied(),
             _ => None,
         });
+        let fusions = bitnetc_codegen_cuda::plan::qkv_fusions(plan);
         for (i, step) in plan.steps.iter().enumerate() {
+            if fusions.iter().any(|f| f.absorbs(i)) {
+                continue;
+            }
+            if let Some(f) = fusions.iter().find(|f| f.split == i) {
+                b.qkv_rope_append(f, &mut kernels)?;
+                continue;
+            }
             let head = logits_buffer.is_some() && step.results.first().copied() == logits_buffer;
-            b.step(i, step, head, &mut kernels, (q, s, qsum, xn))?;
+            b.step(i, step, head, &mut kernels, (q, s, xn))?;
         }
         let (logits, vocab) = match logits_buffer {
             Some(l) => (
@@ -202,13 +236,6 @@ impl CudaExecutor {
                 });
             }
         };
-        let input = |name: &str| {
-            plan.buffers
-                .iter()
-                .position(|buf| matches!(&buf.storage, Storage::Input { name: n } if n == name))
-                .map_or(0, |i| b.ptrs[i])
-        };
-        let (tokens_ptr, positions_ptr) = (input("tokens"), input("positions"));
         let Builder {
             memory, launches, ..
         } = b;
@@ -224,7 +251,42 @@ impl CudaExecutor {
             capacity,
             vocab,
             device,
+            graph: None,
+            graphs: std::env::var("BITNETC_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            trace: None,
         })
+    }
+
+    /// Times every launch from now on (the stream is synchronized after each, and no graph
+    /// runs), for [`CudaExecutor::trace`].
+    pub fn enable_trace(&mut self) {
+        self.trace = Some(vec![
+            [(0, std::time::Duration::ZERO); 2];
+            self.launches.len()
+        ]);
+    }
+
+    /// Per kernel and step size (`name [1]` for one-token steps, `name [T]` for larger
+    /// ones): calls and total time, the slowest first (empty unless tracing).
+    pub fn trace(&self) -> Vec<(String, u64, std::time::Duration)> {
+        let mut by: Vec<(String, u64, std::time::Duration)> = Vec::new();
+        for (l, sizes) in self.launches.iter().zip(self.trace.iter().flatten()) {
+            for (size, (calls, time)) in ["[1]", "[T]"].iter().zip(sizes) {
+                if *calls == 0 {
+                    continue;
+                }
+                let name = format!("{} {size}", l.name);
+                match by.iter_mut().find(|e| e.0 == name) {
+                    Some(e) => {
+                        e.1 += calls;
+                        e.2 += *time;
+                    }
+                    None => by.push((name, *calls, *time)),
+                }
+            }
+        }
+        by.sort_by_key(|e| std::cmp::Reverse(e.2));
+        by
     }
 
     /// Positions the cache holds.
@@ -234,7 +296,12 @@ impl CudaExecutor {
 
     /// Evaluates `tokens` at positions `pos0..`, in steps of at most the batch size, and
     /// returns their logits (every row, or the last token's).
-    pub fn eval(&self, tokens: &[u32], pos0: usize, rows: LogitRows) -> Result<Vec<f32>, GpuError> {
+    pub fn eval(
+        &mut self,
+        tokens: &[u32],
+        pos0: usize,
+        rows: LogitRows,
+    ) -> Result<Vec<f32>, GpuError> {
         let mut out = Vec::new();
         let mut at = 0;
         while at < tokens.len() {
@@ -260,17 +327,49 @@ impl CudaExecutor {
     }
 
     /// One step of `T ≤ batch` tokens; `logits` says whether the head runs, and for the last
-    /// token alone.
-    fn step(&self, tokens: &[u32], pos0: usize, logits: Option<bool>) -> Result<(), GpuError> {
+    /// token alone. A one-token step with logits runs as a CUDA graph, captured the first time.
+    fn step(&mut self, tokens: &[u32], pos0: usize, logits: Option<bool>) -> Result<(), GpuError> {
         let t = tokens.len();
         let ids: Vec<i32> = tokens.iter().map(|&v| v as i32).collect();
         let pos: Vec<i32> = (0..t as i32).map(|i| pos0 as i32 + i).collect();
-        // SAFETY: the input buffers hold `batch` ≥ T values each.
+        // SAFETY: the input buffers hold `batch` ≥ T values each; the copies are ordered
+        // before the step's launches on the stream.
         unsafe {
-            cudarc::driver::result::memcpy_htod_sync(self.tokens_ptr, &ids).map_err(driver)?;
-            cudarc::driver::result::memcpy_htod_sync(self.positions_ptr, &pos).map_err(driver)?;
+            let raw = self.stream.cu_stream();
+            cudarc::driver::result::memcpy_htod_async(self.tokens_ptr, &ids, raw)
+                .map_err(driver)?;
+            cudarc::driver::result::memcpy_htod_async(self.positions_ptr, &pos, raw)
+                .map_err(driver)?;
         }
-        for l in &self.launches {
+        if self.trace.is_none() && self.graphs && t == 1 && logits.is_some() {
+            if self.graph.is_none() {
+                self.stream
+                    .begin_capture(
+                        cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                    )
+                    .map_err(driver)?;
+                let enqueued = self.enqueue(1, logits);
+                let graph = self
+                    .stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                    .map_err(driver);
+                enqueued?;
+                self.graph = graph?.map(Graph);
+            }
+            if let Some(g) = &self.graph {
+                g.0.launch().map_err(driver)?;
+                self.stream.synchronize().map_err(driver)?;
+                return Ok(());
+            }
+        }
+        self.enqueue(t, logits)?;
+        self.stream.synchronize().map_err(driver)?;
+        Ok(())
+    }
+
+    /// Puts the launches of a step of `t` tokens on the stream (timing each when tracing).
+    fn enqueue(&mut self, t: usize, logits: Option<bool>) -> Result<(), GpuError> {
+        for (n, l) in self.launches.iter().enumerate() {
             let last_only = l.head && logits == Some(true);
             if l.head && logits.is_none() {
                 continue;
@@ -281,15 +380,12 @@ impl CudaExecutor {
                 Grid::Rows(m) => (m.div_ceil(4) as u32, tk as u32, 1),
                 Grid::Elems(n) => ((tk * n).div_ceil(256) as u32, 1, 1),
                 Grid::TokenHeads(h) => (tk as u32, h, 1),
+                Grid::TokenHeadsChunks(h, c) => (tk as u32, h, c),
             };
             let cfg = LaunchConfig {
                 grid_dim: grid,
                 block_dim: (l.block, 1, 1),
-                shared_mem_bytes: if l.attention {
-                    (4 * (pos0 + t)) as u32
-                } else {
-                    0
-                },
+                shared_mem_bytes: 0,
             };
             let values: Vec<ArgValue> = l
                 .args
@@ -302,7 +398,7 @@ impl CudaExecutor {
                         p
                     }),
                     Arg::Total(n) => ArgValue::I64((tk * n) as i64),
-                    Arg::Pos0 => ArgValue::I32(pos0 as i32),
+                    Arg::I32(v) => ArgValue::I32(v),
                 })
                 .collect();
             let mut builder = self.stream.launch_builder(&l.f);
@@ -313,11 +409,17 @@ impl CudaExecutor {
                     ArgValue::I32(n) => builder.arg(n),
                 };
             }
+            let start = std::time::Instant::now();
             // SAFETY: the arguments match the kernel's signature (render.rs) and point into
             // allocations sized for `batch` tokens and `capacity` positions.
             unsafe { builder.launch(cfg) }.map_err(driver)?;
+            if let Some(trace) = &mut self.trace {
+                self.stream.synchronize().map_err(driver)?;
+                let size = usize::from(t > 1);
+                trace[n][size].0 += 1;
+                trace[n][size].1 += start.elapsed();
+            }
         }
-        self.stream.synchronize().map_err(driver)?;
         Ok(())
     }
 }
@@ -340,6 +442,8 @@ struct Builder<'a> {
     launches: Vec<Launch>,
     /// Per I2_S weight buffer: its per-row scales.
     betas: Vec<(BufferId, u64)>,
+    /// The positions input (read by the cache append and attention).
+    positions: u64,
 }
 
 impl Builder<'_> {
@@ -351,12 +455,23 @@ impl Builder<'_> {
         head: bool,
         args: Vec<Arg>,
     ) -> Result<(), GpuError> {
-        let f = self.module.load_function(&spec.name()).map_err(driver)?;
+        self.launch_named(spec.name(), grid, block, head, args)
+    }
+
+    fn launch_named(
+        &mut self,
+        name: String,
+        grid: Grid,
+        block: u32,
+        head: bool,
+        args: Vec<Arg>,
+    ) -> Result<(), GpuError> {
+        let f = self.module.load_function(&name).map_err(driver)?;
         self.launches.push(Launch {
             f,
+            name,
             grid,
             block,
-            attention: matches!(spec, KernelSpec::AttentionF16 { .. }),
             head,
             args,
         });
@@ -370,7 +485,7 @@ impl Builder<'_> {
         step: &bitnetc_ir::plan::Step,
         head: bool,
         specs: &mut impl Iterator<Item = KernelSpec>,
-        (q, s, qsum, xn): (u64, u64, u64, u64),
+        (q, s, xn): (u64, u64, u64),
     ) -> Result<(), GpuError> {
         let err = |message: String| GpuError::Step {
             step: i,
@@ -460,15 +575,14 @@ impl Builder<'_> {
                         self.launch(
                             &first,
                             Grid::PerToken(1),
-                            TOKEN_THREADS,
+                            NORM_THREADS,
                             head,
-                            vec![xr, Arg::Ptr(gain), Arg::Ptr(q), Arg::Ptr(s), Arg::Ptr(qsum)],
+                            vec![xr, Arg::Ptr(gain), Arg::Ptr(q), Arg::Ptr(s)],
                         )?;
                         let args = vec![
                             Arg::Ptr(p(Some(&w))?),
                             Arg::Ptr(q),
                             Arg::Ptr(s),
-                            Arg::Ptr(qsum),
                             Arg::Ptr(beta),
                             res,
                             out,
@@ -477,9 +591,9 @@ impl Builder<'_> {
                     }
                     KernelSpec::RmsNorm { .. } => {
                         let rows = next()?;
-                        let KernelSpec::HalfRows { n, glu, .. } = rows else {
+                        let KernelSpec::FloatRows { n, glu, .. } = rows else {
                             return Err(err(format!(
-                                "expected an f16 kernel, got {}",
+                                "expected a float rows kernel, got {}",
                                 rows.name()
                             )));
                         };
@@ -494,7 +608,7 @@ impl Builder<'_> {
                         let args = vec![Arg::Ptr(p(Some(&w))?), Arg::Ptr(xn), res, out];
                         self.launch(&rows, Grid::Rows(m), ROW_THREADS, head, args)?;
                     }
-                    KernelSpec::HalfRows { n, glu, .. } => {
+                    KernelSpec::FloatRows { n, glu, .. } => {
                         let m = if glu.is_some() { n / 2 } else { n };
                         let args = vec![Arg::Ptr(p(Some(&w))?), xr, res, out];
                         self.launch(&first, Grid::Rows(m), ROW_THREADS, head, args)?;
@@ -547,26 +661,100 @@ impl Builder<'_> {
                     Arg::Ptr(p(o.get(1))?),
                     Arg::Ptr(p(r.first())?),
                     Arg::Ptr(p(r.get(1))?),
-                    Arg::Pos0,
+                    Arg::Ptr(self.positions),
                 ];
                 self.launch(&spec, Grid::PerToken(1), TOKEN_THREADS, false, args)?;
             }
             Op::Attention { .. } => {
                 let spec = next()?;
-                let KernelSpec::AttentionF16 { h, .. } = spec else {
+                let KernelSpec::AttentionF16 { h, d, .. } = spec else {
                     return Err(err(format!("unexpected kernel {}", spec.name())));
                 };
-                let args = vec![
-                    Arg::Ptr(p(o.first())?),
-                    Arg::Ptr(p(o.get(1))?),
-                    Arg::Ptr(p(o.get(2))?),
-                    Arg::Ptr(p(r.first())?),
-                    Arg::Pos0,
-                ];
-                self.launch(&spec, Grid::TokenHeads(h as u32), ROW_THREADS, false, args)?;
+                // Scratch for every token of a step: scores, chunk maxima, chunk sums.
+                let chunks = self.capacity.div_ceil(ATTENTION_CHUNK as usize);
+                let rows = self.batch * h as usize;
+                let sc = self.alloc(rows * self.capacity * 4)?;
+                let cmax = self.alloc(rows * chunks * 4)?;
+                let po = self.alloc(rows * chunks * d as usize * 4)?;
+                let done = self.alloc(rows * 4)?;
+                let (q, kc, vc) = (p(o.first())?, p(o.get(1))?, p(o.get(2))?);
+                let (cap, nc) = (Arg::I32(self.capacity as i32), Arg::I32(chunks as i32));
+                let pos = Arg::Ptr(self.positions);
+                let (h, name) = (h as u32, spec.name());
+                let split = Grid::TokenHeadsChunks(h, chunks as u32);
+                self.launch_named(
+                    format!("{name}_scores"),
+                    split,
+                    ATTENTION_CHUNK,
+                    false,
+                    vec![
+                        Arg::Ptr(q),
+                        Arg::Ptr(kc),
+                        Arg::Ptr(sc),
+                        Arg::Ptr(cmax),
+                        pos,
+                        cap,
+                        nc,
+                    ],
+                )?;
+                self.launch_named(
+                    format!("{name}_pv"),
+                    split,
+                    render::attention_pv_threads(d),
+                    false,
+                    vec![
+                        Arg::Ptr(sc),
+                        Arg::Ptr(cmax),
+                        Arg::Ptr(vc),
+                        Arg::Ptr(po),
+                        Arg::Ptr(p(r.first())?),
+                        Arg::Ptr(done),
+                        pos,
+                        cap,
+                        nc,
+                    ],
+                )?;
             }
         }
         Ok(())
+    }
+
+    /// The launch of a [`QkvFusion`](bitnetc_codegen_cuda::plan::QkvFusion).
+    fn qkv_rope_append(
+        &mut self,
+        f: &bitnetc_codegen_cuda::plan::QkvFusion,
+        specs: &mut impl Iterator<Item = KernelSpec>,
+    ) -> Result<(), GpuError> {
+        let steps = &self.plan.steps;
+        let err = |message: &str| GpuError::Step {
+            step: f.split,
+            op: "split",
+            message: message.into(),
+        };
+        let spec = specs
+            .next()
+            .ok_or_else(|| err("the kernel list ended early"))?;
+        let KernelSpec::QkvRopeAppendF16 { h, g, .. } = spec else {
+            return Err(err("expected the fused Q/K/V kernel"));
+        };
+        let ptr = |b: Option<&BufferId>| {
+            b.map(|&b| self.ptrs[b as usize])
+                .ok_or_else(|| err("an operand or result is missing"))
+        };
+        let args = vec![
+            Arg::Ptr(ptr(steps[f.split].operands.first())?),
+            Arg::Ptr(ptr(steps[f.rope_q].results.first())?),
+            Arg::Ptr(ptr(steps[f.append].results.first())?),
+            Arg::Ptr(ptr(steps[f.append].results.get(1))?),
+            Arg::Ptr(self.positions),
+        ];
+        self.launch(
+            &spec,
+            Grid::TokenHeads((h + g) as u32),
+            ROW_THREADS,
+            false,
+            args,
+        )
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<u64, GpuError> {

@@ -80,7 +80,7 @@ impl Engine {
     /// Checks the plan and binds it to GPU `ordinal`: kernels from `ptx` (architecture, PTX)
     /// when one suits the device, else compiled for it by NVRTC; weights uploaded, a KV cache
     /// of `context` positions on the device, steps of at most `batch` tokens. One session at a
-    /// time holds the device's cache.
+    /// time holds the device's cache. `trace` times every launch (no CUDA graphs then).
     #[cfg(feature = "cuda")]
     pub fn cuda(
         plan: Plan,
@@ -89,9 +89,10 @@ impl Engine {
         batch: usize,
         ordinal: usize,
         ptx: &[(String, String)],
+        trace: bool,
     ) -> Result<Engine, RuntimeError> {
         let mut engine = Engine::new(plan, weights, context)?;
-        let gpu = cuda::CudaExecutor::new(
+        let mut gpu = cuda::CudaExecutor::new(
             &engine.plan,
             engine.weights.as_ref(),
             context,
@@ -100,8 +101,21 @@ impl Engine {
             ptx,
         )
         .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
+        if trace {
+            gpu.enable_trace();
+        }
         engine.gpu = Some(std::sync::Mutex::new((gpu, None)));
         Ok(engine)
+    }
+
+    /// With a GPU engine built with `trace`: per kernel, its name, launches and time (the
+    /// stream synchronized after each launch), the slowest first.
+    pub fn gpu_trace(&self) -> Vec<(String, u64, std::time::Duration)> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.lock().unwrap_or_else(|e| e.into_inner()).0.trace();
+        }
+        Vec::new()
     }
 
     /// The GPU's name and architecture, when the engine runs on one.

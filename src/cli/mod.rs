@@ -60,11 +60,8 @@ pub enum KernelChoice {
 impl ExecArgs {
     pub fn backend(&self) -> Result<bitnetc::Backend> {
         if self.device == Device::Cuda {
-            if self.interp || self.lm_head.is_some() || self.trace_kernels {
-                return Err(
-                    "--device cuda does not combine with --interp, --lm-head or --trace-kernels"
-                        .into(),
-                );
+            if self.interp || self.lm_head.is_some() {
+                return Err("--device cuda does not combine with --interp or --lm-head".into());
             }
             if self.batch_size == 0 {
                 return Err("--batch-size must be at least 1".into());
@@ -73,6 +70,7 @@ impl ExecArgs {
             return Ok(bitnetc::Backend::Cuda {
                 ordinal: 0,
                 batch: self.batch_size,
+                trace: self.trace_kernels,
             });
             #[cfg(not(feature = "cuda"))]
             return Err("--device cuda: this bitnetc was built without the `cuda` feature".into());
@@ -105,7 +103,25 @@ impl ExecArgs {
 
     /// Prints the kernel trace (with --trace-kernels).
     pub fn print_trace(&self, model: &bitnetc::Model) {
-        let Some(exec) = model.engine.executor().filter(|_| self.trace_kernels) else {
+        if !self.trace_kernels {
+            return;
+        }
+        let gpu = model.engine.gpu_trace();
+        if !gpu.is_empty() {
+            eprintln!(
+                "{:<56} {:>8} {:>12} {:>10}",
+                "kernel", "calls", "time ms", "µs/call"
+            );
+            for (name, calls, time) in gpu {
+                eprintln!(
+                    "{name:<56} {calls:>8} {:>12.2} {:>10.1}",
+                    time.as_secs_f64() * 1e3,
+                    time.as_secs_f64() * 1e6 / calls.max(1) as f64
+                );
+            }
+            return;
+        }
+        let Some(exec) = model.engine.executor() else {
             return;
         };
         eprintln!(
