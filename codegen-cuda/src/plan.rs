@@ -118,6 +118,15 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
                             residual: *residual,
                         });
                     }
+                    Encoding::TQ1_0 | Encoding::TQ2_0 => {
+                        out.push(KernelSpec::NormQ8K { k, eps: *norm });
+                        out.push(KernelSpec::TernaryBlocks {
+                            k,
+                            n,
+                            glu: *glu,
+                            residual: *residual,
+                        });
+                    }
                     Encoding::F16 | Encoding::F32 => {
                         if let Some(eps) = norm {
                             out.push(KernelSpec::RmsNorm { k, eps: *eps });

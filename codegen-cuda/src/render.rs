@@ -33,6 +33,22 @@ pub enum KernelSpec {
     /// `(const float* x, const float* gain, float* y)`; grid `T`: RMSNorm, sum of squares in
     /// double, `1/sqrtf(mean + eps)`, `(x·scale)·gain`.
     RmsNorm { k: u64, eps: f32 },
+    /// `(const float* x, const float* gain, float* xn, i8* q, float* d)`; grid `T`,
+    /// [`NORM_THREADS`] threads: optional RMSNorm into `xn`, then llama.cpp's Q8_K
+    /// quantization of each 256-value block (`d = 1/(−127/max)`, `max` the first value of the
+    /// largest magnitude, codes rounded half to even, at most 127), one warp per block.
+    NormQ8K { k: u64, eps: Option<f32> },
+    /// `(const unsigned* w, const i8* q, const float* dx, const float* sw, const float*
+    /// residual, float* out)`; grid `(⌈M/4⌉, T)`: TQ1_0/TQ2_0 rows repacked at load time (per
+    /// 256-value block 16 words, byte `j` of word `i` holding the codes of values
+    /// `16i + 4l + j` at bits `2l`; `sw` the blocks' scales) against Q8_K activations; per block
+    /// the exact integer dot, then `sum += (dx·sw)·dot` in block order, as llama.cpp.
+    TernaryBlocks {
+        k: u64,
+        n: u64,
+        glu: Option<Activation>,
+        residual: bool,
+    },
     /// `(const float* x, const float* gain, i8* q, float* s)`; grid `T`, [`NORM_THREADS`]
     /// threads, each holding its values in registers: optional RMSNorm then bitnet.cpp's
     /// per-token int8 quantization.
@@ -190,6 +206,16 @@ impl KernelSpec {
             KernelSpec::EmbedF16 { h } => format!("embed_f16_h{h}"),
             KernelSpec::EmbedF32 { h } => format!("embed_f32_h{h}"),
             KernelSpec::RmsNorm { k, eps } => format!("rms_norm_k{k}_e{:08x}", eps.to_bits()),
+            KernelSpec::NormQ8K { k, eps } => match eps {
+                Some(e) => format!("norm_q8k_k{k}_e{:08x}", e.to_bits()),
+                None => format!("q8k_k{k}"),
+            },
+            KernelSpec::TernaryBlocks {
+                k,
+                n,
+                glu,
+                residual,
+            } => format!("tq_k{k}_n{n}{}", glu_res(glu, *residual)),
             KernelSpec::NormQuant { k, eps } => match eps {
                 Some(e) => format!("norm_quant_k{k}_e{:08x}", e.to_bits()),
                 None => format!("quant_k{k}"),
@@ -307,11 +333,94 @@ impl KernelSpec {
 "#,
                 eps = float_lit(*eps)
             ),
+            KernelSpec::NormQ8K { k, eps } => format!(
+                r#"extern "C" __global__ void {name}(const float* x, const float* gain, float* xn, i8* q, float* d) {{
+    const long t = blockIdx.x;
+    const float* xt = x + t * {k};
+    float* yt = xn + t * {k};
+{norm}    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    for (int b = threadIdx.x / 32; b < {blocks}; b += blockDim.x / 32) {{
+        const float* y = yt + b * 256 + lane * 8;
+        float amax = 0.0f, mx = 0.0f;
+        int at = 0;
+        for (int e = 0; e < 8; e++) {{
+            if (fabsf(y[e]) > amax) {{ amax = fabsf(y[e]); mx = y[e]; at = lane * 8 + e; }}
+        }}
+        for (int o = 16; o > 0; o >>= 1) {{
+            const float oa = __shfl_xor_sync(0xffffffffu, amax, o);
+            const float om = __shfl_xor_sync(0xffffffffu, mx, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, at, o);
+            if (oa > amax || (oa == amax && oi < at)) {{ amax = oa; mx = om; at = oi; }}
+        }}
+        i8* qb = q + t * {k} + b * 256 + lane * 8;
+        if (amax == 0.0f) {{
+            for (int e = 0; e < 8; e++) qb[e] = 0;
+            if (lane == 0) d[t * {blocks} + b] = 0.0f;
+        }} else {{
+            const float iscale = -127.0f / mx;
+            for (int e = 0; e < 8; e++) qb[e] = (i8)min(127, __float2int_rn(iscale * y[e]));
+            if (lane == 0) d[t * {blocks} + b] = 1.0f / iscale;
+        }}
+    }}
+}}
+"#,
+                blocks = k / 256,
+                norm = match eps {
+                    Some(e) => format!(
+                        r#"    const float scale = rms_scale(xt, {k}, {eps});
+    for (int i = threadIdx.x; i < {k}; i += blockDim.x) yt[i] = (xt[i] * scale) * gain[i];
+"#,
+                        eps = float_lit(*e)
+                    ),
+                    None => format!(
+                        "    for (int i = threadIdx.x; i < {k}; i += blockDim.x) yt[i] = xt[i];\n"
+                    ),
+                }
+            ),
+            KernelSpec::TernaryBlocks {
+                k,
+                n,
+                glu,
+                residual,
+            } => {
+                let m = if glu.is_some() { n / 2 } else { *n };
+                let blocks = k / 256;
+                let dot = |row: &str| {
+                    format!(
+                        "tq_row(w + (long)({row}) * {words}, qt, dt, sw + (long)({row}) * {blocks}, {blocks})",
+                        words = k / 16
+                    )
+                };
+                let value = match glu {
+                    Some(a) => format!("{} * {}", act_call(*a, "gate"), dot(&format!("r + {m}"))),
+                    None => "gate".to_string(),
+                };
+                let res = if *residual {
+                    format!(" + residual[t * {m} + r]")
+                } else {
+                    String::new()
+                };
+                format!(
+                    r#"extern "C" __global__ void {name}(const unsigned* w, const i8* q, const float* dx, const float* sw, const float* residual, float* out) {{
+    const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const long t = blockIdx.y;
+    if (r >= {m}) return;
+    const i8* qt = q + t * {k};
+    const float* dt = dx + t * {blocks};
+    const float gate = {gate};
+    const float v = {value}{res};
+    if ((threadIdx.x & 31) == 0) out[t * {m} + r] = v;
+}}
+"#,
+                    gate = dot("r")
+                )
+            }
             KernelSpec::NormQuant { k, eps } => {
                 let norm = match eps {
                     Some(e) => format!(
                         r#"    double ss = 0.0;
-    for (int u = 0; u < {e}; u++) ss += (double)v[u] * (double)v[u];
+    for (int u = 0; u < {e}; u++) ss += (double)(v[u] * v[u]);
     ss = block_sum_double(ss);
     const float scale = 1.0f / sqrtf((float)(ss / {k}) + {eps});
     for (int u = 0; u < {e}; u++) {{
@@ -368,13 +477,17 @@ impl KernelSpec {
                     Some(a) => format!("{} * up", act_call(*a, "gate")),
                     None => "gate".to_string(),
                 };
-                let up = if glu.is_some() {
-                    format!(
-                        "\n    const int su = {};\n    const float up = ((float)su / s[t]) * beta[r + {m}];",
-                        dot(&format!("r + {m}"))
+                // With a gated activation both rows are read in the same loop.
+                let (sums, up) = if glu.is_some() {
+                    (
+                        format!(
+                            "int sg, su;\n    ternary_rows2(w + (long)r * {rb}, w + (long)(r + {m}) * {rb}, qt, {words}, &sg, &su);",
+                            rb = k / 4
+                        ),
+                        format!("\n    const float up = ((float)su / s[t]) * beta[r + {m}];"),
                     )
                 } else {
-                    String::new()
+                    (format!("const int sg = {};", dot("r")), String::new())
                 };
                 let res = if *residual {
                     format!(" + residual[t * {m} + r]")
@@ -387,12 +500,11 @@ impl KernelSpec {
     const long t = blockIdx.y;
     if (r >= {m}) return;
     const i8* qt = q + t * {k};
-    const int sg = {gate};
+    {sums}
     const float gate = ((float)sg / s[t]) * beta[r];{up}
     if ((threadIdx.x & 31) == 0) out[t * {m} + r] = {value}{res};
 }}
-"#,
-                    gate = dot("r"),
+"#
                 )
             }
             KernelSpec::FloatRows {
@@ -760,10 +872,10 @@ __device__ double block_sum_double(double v) {
     return s;
 }
 
-// ggml's RMSNorm scale: the sum of squares in double, 1/sqrtf(mean + eps) in float.
+// ggml's RMSNorm scale: the f32 squares summed in double, 1/sqrtf(mean + eps) in float.
 __device__ float rms_scale(const float* x, int k, float eps) {
     double ss = 0.0;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) ss += (double)x[i] * (double)x[i];
+    for (int i = threadIdx.x; i < k; i += blockDim.x) ss += (double)(x[i] * x[i]);
     ss = block_sum_double(ss);
     const float mean = (float)(ss / k);
     return 1.0f / sqrtf(mean + eps);
@@ -805,6 +917,54 @@ __device__ int ternary_row(const u8* w, const i8* q, int words) {
         }
     }
     return warp_sum_int(acc);
+}
+// Two rows against the same activations in one loop (twice the loads in flight).
+__device__ void ternary_rows2(const u8* w0, const u8* w1, const i8* q, int words, int* s0, int* s1) {
+    int a0 = 0, a1 = 0;
+    for (int u = threadIdx.x & 31; u < words / 4; u += 32) {
+        const uint4 p0 = ((const uint4*)w0)[u];
+        const uint4 p1 = ((const uint4*)w1)[u];
+        const int base = (u / 2) * 128 + (u % 2) * 16;
+        #pragma unroll
+        for (int g = 0; g < 4; g++) {
+            const int4 a = *(const int4*)(q + base + 32 * g);
+            const int sh = 6 - 2 * g;
+            a0 = __dp4a((int)__vsub4((p0.x >> sh) & 0x03030303u, 0x01010101u), a.x, a0);
+            a0 = __dp4a((int)__vsub4((p0.y >> sh) & 0x03030303u, 0x01010101u), a.y, a0);
+            a0 = __dp4a((int)__vsub4((p0.z >> sh) & 0x03030303u, 0x01010101u), a.z, a0);
+            a0 = __dp4a((int)__vsub4((p0.w >> sh) & 0x03030303u, 0x01010101u), a.w, a0);
+            a1 = __dp4a((int)__vsub4((p1.x >> sh) & 0x03030303u, 0x01010101u), a.x, a1);
+            a1 = __dp4a((int)__vsub4((p1.y >> sh) & 0x03030303u, 0x01010101u), a.y, a1);
+            a1 = __dp4a((int)__vsub4((p1.z >> sh) & 0x03030303u, 0x01010101u), a.z, a1);
+            a1 = __dp4a((int)__vsub4((p1.w >> sh) & 0x03030303u, 0x01010101u), a.w, a1);
+        }
+    }
+    *s0 = warp_sum_int(a0);
+    *s1 = warp_sum_int(a1);
+}
+
+// One repacked TQ row against Q8_K activations by one warp: two blocks at a time (a half-warp
+// each, one word per lane), each block's exact dot, then the float sum in block order.
+__device__ float tq_row(const unsigned* w, const i8* q, const float* dx, const float* sw, int blocks) {
+    const int lane = threadIdx.x & 31, half = lane / 16, wi = lane % 16;
+    float sum = 0.0f;
+    for (int b0 = 0; b0 < blocks; b0 += 2) {
+        const int b = b0 + half;
+        int acc = 0;
+        if (b < blocks) {
+            const unsigned word = w[b * 16 + wi];
+            const int4 a = *(const int4*)(q + b * 256 + wi * 16);
+            acc = __dp4a((int)__vsub4(word & 0x03030303u, 0x01010101u), a.x, acc);
+            acc = __dp4a((int)__vsub4((word >> 2) & 0x03030303u, 0x01010101u), a.y, acc);
+            acc = __dp4a((int)__vsub4((word >> 4) & 0x03030303u, 0x01010101u), a.z, acc);
+            acc = __dp4a((int)__vsub4((word >> 6) & 0x03030303u, 0x01010101u), a.w, acc);
+        }
+        for (int o = 8; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        const int s0 = __shfl_sync(0xffffffffu, acc, 0), s1 = __shfl_sync(0xffffffffu, acc, 16);
+        sum += (dx[b0] * sw[b0]) * (float)s0;
+        if (b0 + 1 < blocks) sum += (dx[b0 + 1] * sw[b0 + 1]) * (float)s1;
+    }
+    return sum;
 }
 
 // One f16 row against activations (rounded to f16 when `round`), by one warp, summed in float.

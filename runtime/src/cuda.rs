@@ -115,6 +115,18 @@ pub struct CudaExecutor {
     trace: Option<Vec<[(u64, std::time::Duration); 2]>>,
 }
 
+/// TQ1_0/TQ2_0 codes (0..2, whole 256-value blocks) in the layout of
+/// [`KernelSpec::TernaryBlocks`]: per block 16 words, byte `j` of word `i` holding the codes of
+/// values `16i + 4l + j` at bits `2l`.
+fn pack_blocks(codes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    codes.chunks_exact(16).map(|c| {
+        (0..16).fold(0u32, |word, e| {
+            let (l, j) = (e / 4, e % 4);
+            word | (c[e] as u32) << (8 * j + 2 * l)
+        })
+    })
+}
+
 /// A captured graph. The executor holds it and is used by one thread at a time (it sits in
 /// the engine's mutex); the graph is only launched from there.
 struct Graph(cudarc::driver::CudaGraph);
@@ -185,7 +197,9 @@ impl CudaExecutor {
         let max_k = specs
             .iter()
             .filter_map(|s| match s {
-                KernelSpec::NormQuant { k, .. } | KernelSpec::RmsNorm { k, .. } => Some(*k),
+                KernelSpec::NormQuant { k, .. }
+                | KernelSpec::NormQ8K { k, .. }
+                | KernelSpec::RmsNorm { k, .. } => Some(*k),
                 _ => None,
             })
             .max()
@@ -193,6 +207,8 @@ impl CudaExecutor {
         let q = b.alloc(batch * max_k as usize)?;
         let s = b.alloc(batch * 4)?;
         let xn = b.alloc(batch * max_k as usize * 4)?;
+        // Q8_K scales: one per 256 values.
+        let d8 = b.alloc(batch * max_k.div_ceil(256) as usize * 4)?;
         let mut kernels = specs.into_iter();
         let input = |b: &Builder, name: &str| {
             plan.buffers
@@ -216,7 +232,7 @@ impl CudaExecutor {
                 continue;
             }
             let head = logits_buffer.is_some() && step.results.first().copied() == logits_buffer;
-            b.step(i, step, head, &mut kernels, (q, s, xn))?;
+            b.step(i, step, head, &mut kernels, (q, s, xn, d8))?;
         }
         let (logits, vocab) = match logits_buffer {
             Some(l) => (
@@ -485,7 +501,7 @@ impl Builder<'_> {
         step: &bitnetc_ir::plan::Step,
         head: bool,
         specs: &mut impl Iterator<Item = KernelSpec>,
-        (q, s, xn): (u64, u64, u64),
+        (q, s, xn, d8): (u64, u64, u64, u64),
     ) -> Result<(), GpuError> {
         let err = |message: String| GpuError::Step {
             step: i,
@@ -584,6 +600,35 @@ impl Builder<'_> {
                             Arg::Ptr(q),
                             Arg::Ptr(s),
                             Arg::Ptr(beta),
+                            res,
+                            out,
+                        ];
+                        self.launch(&rows, Grid::Rows(m), ROW_THREADS, head, args)?;
+                    }
+                    KernelSpec::NormQ8K { .. } => {
+                        let rows = next()?;
+                        let KernelSpec::TernaryBlocks { n, glu, .. } = rows else {
+                            return Err(err(format!("expected a TQ kernel, got {}", rows.name())));
+                        };
+                        let scales = self
+                            .betas
+                            .iter()
+                            .find(|(b, _)| *b == w)
+                            .map(|(_, p)| *p)
+                            .ok_or_else(|| err("the weight's scales are missing".into()))?;
+                        let m = if glu.is_some() { n / 2 } else { n };
+                        self.launch(
+                            &first,
+                            Grid::PerToken(1),
+                            NORM_THREADS,
+                            head,
+                            vec![xr, Arg::Ptr(gain), Arg::Ptr(xn), Arg::Ptr(q), Arg::Ptr(d8)],
+                        )?;
+                        let args = vec![
+                            Arg::Ptr(p(Some(&w))?),
+                            Arg::Ptr(q),
+                            Arg::Ptr(d8),
+                            Arg::Ptr(scales),
                             res,
                             out,
                         ];
@@ -831,6 +876,15 @@ impl Builder<'_> {
                                 betas.extend(std::iter::repeat_n(beta, rows as usize));
                             }
                             Encoding::F16 | Encoding::F32 => bytes.extend_from_slice(w.bytes),
+                            Encoding::TQ1_0 | Encoding::TQ2_0 => {
+                                let t = bitnetc_ir::encoding::ternary_codes(w.encoding, w.bytes, n)
+                                    .map_err(|e| GpuError::Weight {
+                                        name: p.name.clone(),
+                                        message: e.to_string(),
+                                    })?;
+                                bytes.extend(pack_blocks(&t.codes).flat_map(u32::to_le_bytes));
+                                betas.extend_from_slice(&t.scales);
+                            }
                             e => {
                                 return Err(GpuError::Weight {
                                     name: p.name.clone(),
@@ -854,5 +908,29 @@ impl Builder<'_> {
             self.ptrs[r as usize] = self.ptrs[o as usize];
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The packed words, read as `tq_row` reads them (word `i` of a block shifted by `2l`, byte
+    /// `j` meeting activation `16i + 4l + j`), give back every code in order.
+    #[test]
+    fn packed_blocks_meet_their_activations() {
+        let codes: Vec<u8> = (0..512u32).map(|i| ((i * 7 + i / 5) % 3) as u8).collect();
+        let words: Vec<u32> = super::pack_blocks(&codes).collect();
+        assert_eq!(words.len(), 32);
+        let mut seen = vec![u8::MAX; codes.len()];
+        for b in 0..2 {
+            for i in 0..16 {
+                let word = words[b * 16 + i];
+                for l in 0..4 {
+                    for j in 0..4 {
+                        seen[b * 256 + i * 16 + 4 * l + j] = ((word >> (2 * l + 8 * j)) & 3) as u8;
+                    }
+                }
+            }
+        }
+        assert_eq!(seen, codes);
     }
 }
