@@ -30,7 +30,7 @@ enum Command {
     Tokenize(cli::generate::TokenizeArgs),
     /// Describe a GGUF file: metadata, model config, tensors, tokenizer (reads no tensor data)
     Inspect(InspectArgs),
-    /// Rewrite a model's block matrices as ternary weights (norms stay F32)
+    /// Rewrite a model's block matrices as ternary or block-quantized weights (norms stay F32)
     Quantize(QuantizeArgs),
     /// Lower a model and print a compilation stage, or write a compiled plan (-o)
     Compile(CompileArgs),
@@ -203,6 +203,12 @@ enum WeightType {
     Tq2_0,
     #[value(name = "tq1_0")]
     Tq1_0,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -215,11 +221,12 @@ enum EmbeddingType {
 
 #[derive(clap::Args)]
 struct QuantizeArgs {
-    /// Input GGUF (F32/F16/BF16 weights, or another ternary encoding)
+    /// Input GGUF (F32/F16/BF16 weights, or another ternary or block encoding)
     input: PathBuf,
     /// Output GGUF (written atomically: nothing is left behind on failure)
     output: PathBuf,
-    /// Encoding of the attention and FFN matrices
+    /// Encoding of the attention and FFN matrices (ternary ones are made ternary by absmean
+    /// first; q8_0, q4_0 and q4_1 are llama.cpp's reference block quantizations)
     #[arg(long = "type", value_enum, value_name = "TYPE")]
     weight_type: WeightType,
     /// Encoding of token_embd (and of output.weight when the head is untied)

@@ -5,7 +5,9 @@
 
 use bitnetc::codegen_cuda::plan::plan_kernels;
 use bitnetc::codegen_cuda::render::{KernelSpec, module};
+use bitnetc::gguf::quantize::{QuantizeOptions, quantize};
 use bitnetc::gguf::synth::SynthSpec;
+use bitnetc::ir::Encoding;
 use bitnetc::{Backend, LoadOptions, load};
 use bitnetc_tests::{TINY_MODELS, fixture};
 use std::path::Path;
@@ -113,10 +115,27 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
     }
     eprintln!("NVRTC {:?}", nvrtc::version().unwrap());
     let mut modules = vec![("2B-4T shape".to_string(), module(&kernels_2b()))];
-    // Every fixture model has its kernels.
+    // Every fixture model has its kernels, and so have block-quantized ones.
     for rel in TINY_MODELS {
         let k = kernels(&fixture(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
         modules.push((rel.to_string(), module(&k)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f16 = bitnetc::gguf::GgufFile::open(fixture("tiny/mainline-tiny-f16.gguf")).unwrap();
+    for weights in [Encoding::Q8_0, Encoding::Q4_0, Encoding::Q4_1] {
+        let path = dir.path().join(format!("{weights}.gguf"));
+        let opts = QuantizeOptions {
+            weights,
+            embedding: Encoding::Q8_0,
+        };
+        quantize(&f16, &path, opts, |_, _, _| {}).unwrap();
+        let source = module(&kernels(&path).unwrap());
+        assert!(
+            source.contains(&format!("{weights}_rows_k256_n384")),
+            "{weights}"
+        );
+        assert!(source.contains("embed_q8_0_h256"), "{weights}");
+        modules.push((format!("tiny {weights}"), source));
     }
     for (what, source) in &modules {
         for arch in ["sm_80", "sm_90"] {
@@ -167,7 +186,8 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
     );
 }
 
-/// On a GPU: every fixture model gives the CPU's logits within the
+/// On a GPU: every fixture model (and llama.cpp's F16 one quantized to Q8_0, Q4_0 and Q4_1)
+/// gives the CPU's logits within the
 /// stated tolerance, for a prefill and for decode steps. The GPU follows the CPU's roundings
 /// step by step (f16 operands as each ggml path rounds them, per-token int8 activations, no
 /// fused multiply-adds where the CPU rounds twice); only float sums run in another order
@@ -182,9 +202,25 @@ fn gpu_logits_match_the_cpu_within_tolerance() {
         return;
     }
     let tokens: Vec<u32> = (0..24u32).map(|i| (i * 613 + 7) % 2048).collect();
+    // The fixtures, and llama.cpp's F16 model with its matrices in Q8_0, Q4_0 and Q4_1 and its
+    // embedding (the tied head) in Q8_0.
+    let dir = tempfile::tempdir().unwrap();
+    let mut models: Vec<(String, std::path::PathBuf)> = TINY_MODELS
+        .iter()
+        .map(|rel| (rel.to_string(), fixture(rel)))
+        .collect();
+    let f16 = bitnetc::gguf::GgufFile::open(fixture("tiny/mainline-tiny-f16.gguf")).unwrap();
+    for weights in [Encoding::Q8_0, Encoding::Q4_0, Encoding::Q4_1] {
+        let path = dir.path().join(format!("tiny-{weights}.gguf"));
+        let opts = QuantizeOptions {
+            weights,
+            embedding: Encoding::Q8_0,
+        };
+        quantize(&f16, &path, opts, |_, _, _| {}).unwrap();
+        models.push((format!("mainline-tiny-f16 as {weights}"), path));
+    }
     let mut ran = 0;
-    for rel in TINY_MODELS {
-        let path = fixture(rel);
+    for (rel, path) in &models {
         let open = |backend| {
             load(
                 &path,
@@ -250,7 +286,7 @@ fn gpu_logits_match_the_cpu_within_tolerance() {
         assert!(agree * 10 >= tokens.len() * 9, "{rel}: {agree}");
         ran += 1;
     }
-    assert_eq!(ran, TINY_MODELS.len());
+    assert_eq!(ran, models.len());
 }
 
 /// `compile --target cuda`: the plan carries its kernels as PTX for each architecture asked

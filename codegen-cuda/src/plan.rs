@@ -68,6 +68,9 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
             Op::Embed => match weight(1)? {
                 (Encoding::F16, _, h) => out.push(KernelSpec::EmbedF16 { h }),
                 (Encoding::F32, _, h) => out.push(KernelSpec::EmbedF32 { h }),
+                (e @ (Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1), _, h) => {
+                    out.push(KernelSpec::EmbedQ { h, encoding: e })
+                }
                 (e, _, _) => return Err(unsupported(format!("{e} embedding tables"))),
             },
             Op::RmsNorm { eps } => out.push(KernelSpec::RmsNorm {
@@ -116,6 +119,16 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
                             n,
                             glu: *glu,
                             residual: *residual,
+                        });
+                    }
+                    Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1 => {
+                        out.push(KernelSpec::NormQ8 { k, eps: *norm });
+                        out.push(KernelSpec::QuantRows {
+                            k,
+                            n,
+                            glu: *glu,
+                            residual: *residual,
+                            encoding: enc,
                         });
                     }
                     Encoding::TQ1_0 | Encoding::TQ2_0 => {

@@ -10,6 +10,7 @@
 //! Every kernel is `extern "C"` with a name that spells its specialization, so that one module
 //! holds a plan's kernels once each.
 
+use bitnetc_ir::encoding::Encoding;
 use bitnetc_ir::types::{Activation, HalfPath, RopeStyle};
 use std::fmt::Write;
 
@@ -49,6 +50,26 @@ pub enum KernelSpec {
         glu: Option<Activation>,
         residual: bool,
     },
+    /// `(const float* x, const float* gain, float* xn, i8* q, float* d, float* s)`; grid `T`,
+    /// [`NORM_THREADS`] threads: optional RMSNorm into `xn`, then ggml's Q8_0 quantization of
+    /// each 32-value block for the x86 dots (`d = max/127` and `s = d·Σq`, both rounded to
+    /// f16), one warp per block.
+    NormQ8 { k: u64, eps: Option<f32> },
+    /// `(const u8* w, const i8* q, const float* dx, const float* sx, const float* residual,
+    /// float* out)`; grid `(⌈M/16⌉, T)`, [`ROW_THREADS`] threads: Q8_0, Q4_0 or Q4_1 rows in
+    /// their file layout against Q8_0 activations, eight threads per row, thread `l` holding
+    /// ggml's AVX2 lane `l` (values `4l..4l+3` of each block, `acc = fma(dw·dx, Σ, acc)` in
+    /// block order), then `hsum_float_8` (and Q4_1's `Σ m·s`): the CPU's sums, exactly.
+    QuantRows {
+        k: u64,
+        n: u64,
+        glu: Option<Activation>,
+        residual: bool,
+        encoding: Encoding,
+    },
+    /// `(const int* ids, const u8* table, float* out)`; grid `T`: Q8_0, Q4_0 or Q4_1 rows
+    /// decoded to f32.
+    EmbedQ { h: u64, encoding: Encoding },
     /// `(const float* x, const float* gain, i8* q, float* s)`; grid `T`, [`NORM_THREADS`]
     /// threads, each holding its values in registers: optional RMSNorm then bitnet.cpp's
     /// per-token int8 quantization.
@@ -206,6 +227,18 @@ impl KernelSpec {
             KernelSpec::EmbedF16 { h } => format!("embed_f16_h{h}"),
             KernelSpec::EmbedF32 { h } => format!("embed_f32_h{h}"),
             KernelSpec::RmsNorm { k, eps } => format!("rms_norm_k{k}_e{:08x}", eps.to_bits()),
+            KernelSpec::NormQ8 { k, eps } => match eps {
+                Some(e) => format!("norm_q8_k{k}_e{:08x}", e.to_bits()),
+                None => format!("q8_k{k}"),
+            },
+            KernelSpec::QuantRows {
+                k,
+                n,
+                glu,
+                residual,
+                encoding,
+            } => format!("{encoding}_rows_k{k}_n{n}{}", glu_res(glu, *residual)),
+            KernelSpec::EmbedQ { h, encoding } => format!("embed_{encoding}_h{h}"),
             KernelSpec::NormQ8K { k, eps } => match eps {
                 Some(e) => format!("norm_q8k_k{k}_e{:08x}", e.to_bits()),
                 None => format!("q8k_k{k}"),
@@ -366,18 +399,107 @@ impl KernelSpec {
 }}
 "#,
                 blocks = k / 256,
-                norm = match eps {
-                    Some(e) => format!(
-                        r#"    const float scale = rms_scale(xt, {k}, {eps});
-    for (int i = threadIdx.x; i < {k}; i += blockDim.x) yt[i] = (xt[i] * scale) * gain[i];
-"#,
-                        eps = float_lit(*e)
-                    ),
-                    None => format!(
-                        "    for (int i = threadIdx.x; i < {k}; i += blockDim.x) yt[i] = xt[i];\n"
-                    ),
-                }
+                norm = norm_into(*k, *eps)
             ),
+            KernelSpec::NormQ8 { k, eps } => format!(
+                r#"extern "C" __global__ void {name}(const float* x, const float* gain, float* xn, i8* q, float* d, float* s) {{
+    const long t = blockIdx.x;
+    const float* xt = x + t * {k};
+    float* yt = xn + t * {k};
+{norm}    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    for (int b = threadIdx.x / 32; b < {blocks}; b += blockDim.x / 32) {{
+        const float v = yt[b * 32 + lane];
+        float amax = fabsf(v);
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float db = amax / 127.0f;
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        const int c = __float2int_rn(v * id);
+        q[t * {k} + b * 32 + lane] = (i8)c;
+        const int sum = warp_sum_int(c);
+        if (lane == 0) {{
+            d[t * {blocks} + b] = round_f16(db);
+            s[t * {blocks} + b] = round_f16(db * (float)sum);
+        }}
+    }}
+}}
+"#,
+                blocks = k / 32,
+                norm = norm_into(*k, *eps)
+            ),
+            KernelSpec::QuantRows {
+                k,
+                n,
+                glu,
+                residual,
+                encoding,
+            } => {
+                let m = if glu.is_some() { n / 2 } else { *n };
+                let (bb, f) = match encoding {
+                    Encoding::Q8_0 => (34, "qrow_q8_0"),
+                    Encoding::Q4_0 => (18, "qrow_q4_0"),
+                    _ => (20, "qrow_q4_1"),
+                };
+                let rb = (k / 32) * bb;
+                let dot = |row: &str| {
+                    format!(
+                        "{f}(w + (long)({row}) * {rb}, qt, dt, st, {blocks})",
+                        blocks = k / 32
+                    )
+                };
+                let value = match glu {
+                    Some(a) => format!("{} * {}", act_call(*a, "gate"), dot(&format!("r + {m}"))),
+                    None => "gate".to_string(),
+                };
+                let res = if *residual {
+                    format!(" + residual[t * {m} + r]")
+                } else {
+                    String::new()
+                };
+                format!(
+                    r#"extern "C" __global__ void {name}(const u8* w, const i8* q, const float* dx, const float* sx, const float* residual, float* out) {{
+    const int row = blockIdx.x * (blockDim.x / 8) + threadIdx.x / 8;
+    const int r = min(row, {m} - 1);
+    const long t = blockIdx.y;
+    const i8* qt = q + t * {k};
+    const float* dt = dx + t * {blocks};
+    const float* st = sx + t * {blocks};
+    const float gate = {gate};
+    const float v = {value}{res};
+    if ((threadIdx.x & 7) == 0 && row < {m}) out[t * {m} + r] = v;
+}}
+"#,
+                    blocks = k / 32,
+                    gate = dot("r")
+                )
+            }
+            KernelSpec::EmbedQ { h, encoding } => {
+                let (bb, value) = match encoding {
+                    Encoding::Q8_0 => (34, "(float)(i8)b[2 + j] * d"),
+                    Encoding::Q4_0 => (
+                        18,
+                        "(float)((j < 16 ? b[2 + j] & 15 : b[2 + j - 16] >> 4) - 8) * d",
+                    ),
+                    _ => (
+                        20,
+                        "(float)(j < 16 ? b[4 + j] & 15 : b[4 + j - 16] >> 4) * d + h2f(le16(b + 2))",
+                    ),
+                };
+                format!(
+                    r#"extern "C" __global__ void {name}(const int* ids, const u8* table, float* out) {{
+    const long t = blockIdx.x;
+    const u8* row = table + (long)ids[t] * {rb};
+    for (int i = threadIdx.x; i < {h}; i += blockDim.x) {{
+        const u8* b = row + (i / 32) * {bb};
+        const int j = i % 32;
+        const float d = h2f(le16(b));
+        out[t * {h} + i] = {value};
+    }}
+}}
+"#,
+                    rb = (h / 32) * bb
+                )
+            }
             KernelSpec::TernaryBlocks {
                 k,
                 n,
@@ -801,6 +923,20 @@ pub fn attention_pv_threads(d: u64) -> u32 {
     ((d / 2).max(1) * attention_groups(d)).next_multiple_of(32) as u32
 }
 
+/// The first phase of the Q8_0/Q8_K prologues: `yt` = the RMSNorm of `xt` times the gain
+/// (or `xt` itself), by the whole block.
+fn norm_into(k: u64, eps: Option<f32>) -> String {
+    match eps {
+        Some(e) => format!(
+            r#"    const float scale = rms_scale(xt, {k}, {eps});
+    for (int i = threadIdx.x; i < {k}; i += blockDim.x) yt[i] = (xt[i] * scale) * gain[i];
+"#,
+            eps = float_lit(e)
+        ),
+        None => format!("    for (int i = threadIdx.x; i < {k}; i += blockDim.x) yt[i] = xt[i];\n"),
+    }
+}
+
 /// ggml's RoPE of one head (`pos[t]`, iterative theta) from `x` into `y`, which already holds a
 /// copy of `x` (the dimensions past `dims` stay as they are).
 fn rope_body(x: &str, y: &str, dims: u64, theta: f32, style: RopeStyle) -> String {
@@ -941,6 +1077,53 @@ __device__ void ternary_rows2(const u8* w0, const u8* w1, const i8* q, int words
     }
     *s0 = warp_sum_int(a0);
     *s1 = warp_sum_int(a1);
+}
+
+// Q8_0/Q4_0/Q4_1 rows against Q8_0 activations by eight threads, thread l = ggml's AVX2 lane l
+// (values 4l..4l+3 of every block, fused multiply-add of dw·dx in block order); every thread of
+// the eight gets hsum_float_8 of the lanes (plus Q4_1's Σ m·s, summed in block order).
+__device__ __forceinline__ unsigned le16(const u8* b) { return b[0] | (b[1] << 8); }
+__device__ __forceinline__ int le32(const u8* b) { return (int)(b[0] | (b[1] << 8) | (b[2] << 16) | ((unsigned)b[3] << 24)); }
+__device__ float hsum8(float a) {
+    const int base = threadIdx.x & 24;
+    float v[8];
+    for (int i = 0; i < 8; i++) v[i] = __shfl_sync(0xffffffffu, a, base + i);
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+__device__ float qrow_q8_0(const u8* w, const i8* q, const float* dx, const float* sx, int blocks) {
+    const int l = threadIdx.x & 7;
+    float acc = 0.0f;
+    for (int b = 0; b < blocks; b++) {
+        const u8* wb = w + b * 34;
+        const int s = __dp4a(le32(wb + 2 + 4 * l), *(const int*)(q + b * 32 + 4 * l), 0);
+        acc = fmaf(h2f(le16(wb)) * dx[b], (float)s, acc);
+    }
+    return hsum8(acc);
+}
+__device__ float qrow_q4_0(const u8* w, const i8* q, const float* dx, const float* sx, int blocks) {
+    const int l = threadIdx.x & 7;
+    float acc = 0.0f;
+    for (int b = 0; b < blocks; b++) {
+        const u8* wb = w + b * 18;
+        const unsigned p = (unsigned)le32(wb + 2 + 4 * (l & 3));
+        const unsigned nib = l < 4 ? p & 0x0f0f0f0fu : (p >> 4) & 0x0f0f0f0fu;
+        const int s = __dp4a((int)__vsub4(nib, 0x08080808u), *(const int*)(q + b * 32 + 4 * l), 0);
+        acc = fmaf(h2f(le16(wb)) * dx[b], (float)s, acc);
+    }
+    return hsum8(acc);
+}
+__device__ float qrow_q4_1(const u8* w, const i8* q, const float* dx, const float* sx, int blocks) {
+    const int l = threadIdx.x & 7;
+    float acc = 0.0f, summs = 0.0f;
+    for (int b = 0; b < blocks; b++) {
+        const u8* wb = w + b * 20;
+        summs += h2f(le16(wb + 2)) * sx[b];
+        const unsigned p = (unsigned)le32(wb + 4 + 4 * (l & 3));
+        const unsigned nib = l < 4 ? p & 0x0f0f0f0fu : (p >> 4) & 0x0f0f0f0fu;
+        const int s = __dp4a((int)nib, *(const int*)(q + b * 32 + 4 * l), 0);
+        acc = fmaf(h2f(le16(wb)) * dx[b], (float)s, acc);
+    }
+    return hsum8(acc) + summs;
 }
 
 // One repacked TQ row against Q8_K activations by one warp: two blocks at a time (a half-warp

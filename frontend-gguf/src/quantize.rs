@@ -18,7 +18,7 @@ use std::path::Path;
 /// What to produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuantizeOptions {
-    /// I2_S, TQ2_0 or TQ1_0.
+    /// I2_S, TQ2_0 or TQ1_0 (absmean-ternarized first), or Q8_0, Q4_0 or Q4_1.
     pub weights: Encoding,
     /// F16 or Q8_0, for `token_embd` and `output`.
     pub embedding: Encoding,
@@ -75,8 +75,12 @@ pub fn quantize(
     mut progress: impl FnMut(usize, usize, &str),
 ) -> Result<QuantizeReport, GgufError> {
     assert!(
-        opts.weights.is_ternary(),
-        "quantize targets a ternary encoding"
+        opts.weights.is_ternary()
+            || matches!(
+                opts.weights,
+                Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1
+            ),
+        "quantize targets a ternary or block encoding"
     );
     let io_err = |source| GgufError::Io {
         path: out.to_path_buf(),
@@ -186,9 +190,10 @@ fn plan_tensor(
             (Plan::Convert { to: Encoding::F16 }, note)
         });
     }
-    if target == Encoding::Q8_0 && !ne0.is_multiple_of(32) {
+    if matches!(target, Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1) && !ne0.is_multiple_of(32)
+    {
         return Err(unsupported(format!(
-            "Q8_0 needs rows that are a multiple of 32, this one has {ne0}"
+            "{target} needs rows that are a multiple of 32, this one has {ne0}"
         )));
     }
     if target == Encoding::I2S && !t.n_elements().is_multiple_of(encoding::I2S_BLOCK as u64) {

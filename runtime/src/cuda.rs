@@ -59,6 +59,8 @@ enum Grid {
     PerToken(u32),
     /// `(⌈m/4⌉, T)`.
     Rows(u64),
+    /// `(⌈m/16⌉, T)`.
+    Rows16(u64),
     /// `⌈T·n/256⌉` blocks over `T·n` elements.
     Elems(u64),
     /// `(T, heads)`.
@@ -199,6 +201,7 @@ impl CudaExecutor {
             .filter_map(|s| match s {
                 KernelSpec::NormQuant { k, .. }
                 | KernelSpec::NormQ8K { k, .. }
+                | KernelSpec::NormQ8 { k, .. }
                 | KernelSpec::RmsNorm { k, .. } => Some(*k),
                 _ => None,
             })
@@ -207,8 +210,9 @@ impl CudaExecutor {
         let q = b.alloc(batch * max_k as usize)?;
         let s = b.alloc(batch * 4)?;
         let xn = b.alloc(batch * max_k as usize * 4)?;
-        // Q8_K scales: one per 256 values.
-        let d8 = b.alloc(batch * max_k.div_ceil(256) as usize * 4)?;
+        // Activation block scales (Q8_0: one per 32 values, Q8_K: per 256) and Q8_0's d·Σq.
+        let d8 = b.alloc(batch * max_k.div_ceil(32) as usize * 4)?;
+        let s8 = b.alloc(batch * max_k.div_ceil(32) as usize * 4)?;
         let mut kernels = specs.into_iter();
         let input = |b: &Builder, name: &str| {
             plan.buffers
@@ -232,7 +236,7 @@ impl CudaExecutor {
                 continue;
             }
             let head = logits_buffer.is_some() && step.results.first().copied() == logits_buffer;
-            b.step(i, step, head, &mut kernels, (q, s, xn, d8))?;
+            b.step(i, step, head, &mut kernels, (q, s, xn, d8, s8))?;
         }
         let (logits, vocab) = match logits_buffer {
             Some(l) => (
@@ -394,6 +398,7 @@ impl CudaExecutor {
             let grid = match l.grid {
                 Grid::PerToken(n) => (tk as u32 * n, 1, 1),
                 Grid::Rows(m) => (m.div_ceil(4) as u32, tk as u32, 1),
+                Grid::Rows16(m) => (m.div_ceil(16) as u32, tk as u32, 1),
                 Grid::Elems(n) => ((tk * n).div_ceil(256) as u32, 1, 1),
                 Grid::TokenHeads(h) => (tk as u32, h, 1),
                 Grid::TokenHeadsChunks(h, c) => (tk as u32, h, c),
@@ -501,7 +506,7 @@ impl Builder<'_> {
         step: &bitnetc_ir::plan::Step,
         head: bool,
         specs: &mut impl Iterator<Item = KernelSpec>,
-        (q, s, xn, d8): (u64, u64, u64, u64),
+        (q, s, xn, d8, s8): (u64, u64, u64, u64, u64),
     ) -> Result<(), GpuError> {
         let err = |message: String| GpuError::Step {
             step: i,
@@ -604,6 +609,39 @@ impl Builder<'_> {
                             out,
                         ];
                         self.launch(&rows, Grid::Rows(m), ROW_THREADS, head, args)?;
+                    }
+                    KernelSpec::NormQ8 { .. } => {
+                        let rows = next()?;
+                        let KernelSpec::QuantRows { n, glu, .. } = rows else {
+                            return Err(err(format!(
+                                "expected a Q8_0/Q4_x kernel, got {}",
+                                rows.name()
+                            )));
+                        };
+                        let m = if glu.is_some() { n / 2 } else { n };
+                        self.launch(
+                            &first,
+                            Grid::PerToken(1),
+                            NORM_THREADS,
+                            head,
+                            vec![
+                                xr,
+                                Arg::Ptr(gain),
+                                Arg::Ptr(xn),
+                                Arg::Ptr(q),
+                                Arg::Ptr(d8),
+                                Arg::Ptr(s8),
+                            ],
+                        )?;
+                        let args = vec![
+                            Arg::Ptr(p(Some(&w))?),
+                            Arg::Ptr(q),
+                            Arg::Ptr(d8),
+                            Arg::Ptr(s8),
+                            res,
+                            out,
+                        ];
+                        self.launch(&rows, Grid::Rows16(m), ROW_THREADS, head, args)?;
                     }
                     KernelSpec::NormQ8K { .. } => {
                         let rows = next()?;
@@ -875,7 +913,11 @@ impl Builder<'_> {
                                 let beta = i2s_scale(w.bytes, n);
                                 betas.extend(std::iter::repeat_n(beta, rows as usize));
                             }
-                            Encoding::F16 | Encoding::F32 => bytes.extend_from_slice(w.bytes),
+                            Encoding::F16
+                            | Encoding::F32
+                            | Encoding::Q8_0
+                            | Encoding::Q4_0
+                            | Encoding::Q4_1 => bytes.extend_from_slice(w.bytes),
                             Encoding::TQ1_0 | Encoding::TQ2_0 => {
                                 let t = bitnetc_ir::encoding::ternary_codes(w.encoding, w.bytes, n)
                                     .map_err(|e| GpuError::Weight {

@@ -16,6 +16,9 @@ pub fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
             WeightType::I2S => Encoding::I2S,
             WeightType::Tq2_0 => Encoding::TQ2_0,
             WeightType::Tq1_0 => Encoding::TQ1_0,
+            WeightType::Q8_0 => Encoding::Q8_0,
+            WeightType::Q4_0 => Encoding::Q4_0,
+            WeightType::Q4_1 => Encoding::Q4_1,
         },
         embedding: match a.embedding_type {
             EmbeddingType::F16 => Encoding::F16,
