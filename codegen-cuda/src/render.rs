@@ -214,6 +214,18 @@ fn act_call(a: Activation, x: &str) -> String {
 }
 
 impl KernelSpec {
+    /// For a kernel of output rows (a linear layer's matrix), the rows it writes per token:
+    /// `n`, or `n/2` with a gated activation.
+    pub fn output_rows(&self) -> Option<u64> {
+        match self {
+            KernelSpec::Ternary { n, glu, .. }
+            | KernelSpec::TernaryBlocks { n, glu, .. }
+            | KernelSpec::QuantRows { n, glu, .. }
+            | KernelSpec::FloatRows { n, glu, .. } => Some(if glu.is_some() { n / 2 } else { *n }),
+            _ => None,
+        }
+    }
+
     /// The kernel's `extern "C"` name.
     pub fn name(&self) -> String {
         let glu_res = |glu: &Option<Activation>, residual: bool| {
@@ -447,15 +459,7 @@ impl KernelSpec {
                         blocks = k / 32
                     )
                 };
-                let value = match glu {
-                    Some(a) => format!("{} * {}", act_call(*a, "gate"), dot(&format!("r + {m}"))),
-                    None => "gate".to_string(),
-                };
-                let res = if *residual {
-                    format!(" + residual[t * {m} + r]")
-                } else {
-                    String::new()
-                };
+                let (value, res) = epilogue(*glu, *residual, m, &dot(&format!("r + {m}")));
                 format!(
                     r#"extern "C" __global__ void {name}(const u8* w, const i8* q, const float* dx, const float* sx, const float* residual, float* out) {{
     const int row = blockIdx.x * (blockDim.x / 8) + threadIdx.x / 8;
@@ -514,15 +518,7 @@ impl KernelSpec {
                         words = k / 16
                     )
                 };
-                let value = match glu {
-                    Some(a) => format!("{} * {}", act_call(*a, "gate"), dot(&format!("r + {m}"))),
-                    None => "gate".to_string(),
-                };
-                let res = if *residual {
-                    format!(" + residual[t * {m} + r]")
-                } else {
-                    String::new()
-                };
+                let (value, res) = epilogue(*glu, *residual, m, &dot(&format!("r + {m}")));
                 format!(
                     r#"extern "C" __global__ void {name}(const unsigned* w, const i8* q, const float* dx, const float* sw, const float* residual, float* out) {{
     const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -595,10 +591,7 @@ impl KernelSpec {
                         rb = k / 4
                     )
                 };
-                let value = match glu {
-                    Some(a) => format!("{} * up", act_call(*a, "gate")),
-                    None => "gate".to_string(),
-                };
+                let (value, res) = epilogue(*glu, *residual, m, "up");
                 // With a gated activation both rows are read in the same loop.
                 let (sums, up) = if glu.is_some() {
                     (
@@ -610,11 +603,6 @@ impl KernelSpec {
                     )
                 } else {
                     (format!("const int sg = {};", dot("r")), String::new())
-                };
-                let res = if *residual {
-                    format!(" + residual[t * {m} + r]")
-                } else {
-                    String::new()
                 };
                 format!(
                     r#"extern "C" __global__ void {name}(const u8* w, const i8* q, const float* s, const float* beta, const float* residual, float* out) {{
@@ -654,15 +642,7 @@ impl KernelSpec {
                     row.replace("ROW", &format!("w + (long)({r}) * {k}"))
                         .replace("K", &k.to_string())
                 };
-                let value = match glu {
-                    Some(a) => format!("{} * {}", act_call(*a, "gate"), row(&format!("r + {m}"))),
-                    None => "gate".to_string(),
-                };
-                let res = if *residual {
-                    format!(" + residual[t * {m} + r]")
-                } else {
-                    String::new()
-                };
+                let (value, res) = epilogue(*glu, *residual, m, &row(&format!("r + {m}")));
                 format!(
                     r#"extern "C" __global__ void {name}(const {ty}* w, const float* x, const float* residual, float* out) {{
     const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -921,6 +901,21 @@ fn attention_groups(d: u64) -> u64 {
 /// Threads per block of the attention's value kernel (a multiple of 32).
 pub fn attention_pv_threads(d: u64) -> u32 {
     ((d / 2).max(1) * attention_groups(d)).next_multiple_of(32) as u32
+}
+
+/// A rows kernel's output expression for row `r` of token `t`: `gate`, or the activation of
+/// `gate` times `up` (the dot of row `r + m`), plus the residual when there is one.
+fn epilogue(glu: Option<Activation>, residual: bool, m: u64, up: &str) -> (String, String) {
+    let value = match glu {
+        Some(a) => format!("{} * {up}", act_call(a, "gate")),
+        None => "gate".to_string(),
+    };
+    let res = if residual {
+        format!(" + residual[t * {m} + r]")
+    } else {
+        String::new()
+    };
+    (value, res)
 }
 
 /// The first phase of the Q8_0/Q8_K prologues: `yt` = the RMSNorm of `xt` times the gain

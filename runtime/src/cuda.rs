@@ -576,128 +576,68 @@ impl Builder<'_> {
                 };
                 let xr = Arg::Row(p(Some(&x))?, row_bytes(x));
                 let out = Arg::Ptr(p(r.first())?);
+                let w_ptr = Arg::Ptr(p(Some(&w))?);
+                // A prologue (norm, activation quantization) and the rows after it, or rows.
                 let first = next()?;
-                match first {
-                    KernelSpec::NormQuant { .. } => {
-                        let rows = next()?;
-                        let KernelSpec::Ternary { n, glu, .. } = rows else {
-                            return Err(err(format!(
-                                "expected a ternary kernel, got {}",
-                                rows.name()
-                            )));
-                        };
-                        let beta = self
-                            .betas
-                            .iter()
-                            .find(|(b, _)| *b == w)
-                            .map(|(_, p)| *p)
-                            .ok_or_else(|| err("the weight's scales are missing".into()))?;
-                        let m = if glu.is_some() { n / 2 } else { n };
-                        self.launch(
-                            &first,
-                            Grid::PerToken(1),
-                            NORM_THREADS,
-                            head,
-                            vec![xr, Arg::Ptr(gain), Arg::Ptr(q), Arg::Ptr(s)],
-                        )?;
-                        let args = vec![
-                            Arg::Ptr(p(Some(&w))?),
-                            Arg::Ptr(q),
-                            Arg::Ptr(s),
-                            Arg::Ptr(beta),
-                            res,
-                            out,
-                        ];
-                        self.launch(&rows, Grid::Rows(m), ROW_THREADS, head, args)?;
+                let (prologue, rows) = if first.output_rows().is_some() {
+                    (None, first)
+                } else {
+                    (Some(first), next()?)
+                };
+                let m = rows
+                    .output_rows()
+                    .ok_or_else(|| err(format!("expected a rows kernel, got {}", rows.name())))?;
+                let scales = || {
+                    self.betas
+                        .iter()
+                        .find(|(b, _)| *b == w)
+                        .map(|(_, p)| Arg::Ptr(*p))
+                        .ok_or_else(|| err("the weight's scales are missing".into()))
+                };
+                let (gain, q, s, xn, d8, s8) = (
+                    Arg::Ptr(gain),
+                    Arg::Ptr(q),
+                    Arg::Ptr(s),
+                    Arg::Ptr(xn),
+                    Arg::Ptr(d8),
+                    Arg::Ptr(s8),
+                );
+                let (before, rows_args, grid) = match (&prologue, &rows) {
+                    (Some(KernelSpec::NormQuant { .. }), KernelSpec::Ternary { .. }) => (
+                        (vec![xr, gain, q, s], NORM_THREADS),
+                        vec![w_ptr, q, s, scales()?, res, out],
+                        Grid::Rows(m),
+                    ),
+                    (Some(KernelSpec::NormQ8 { .. }), KernelSpec::QuantRows { .. }) => (
+                        (vec![xr, gain, xn, q, d8, s8], NORM_THREADS),
+                        vec![w_ptr, q, d8, s8, res, out],
+                        Grid::Rows16(m),
+                    ),
+                    (Some(KernelSpec::NormQ8K { .. }), KernelSpec::TernaryBlocks { .. }) => (
+                        (vec![xr, gain, xn, q, d8], NORM_THREADS),
+                        vec![w_ptr, q, d8, scales()?, res, out],
+                        Grid::Rows(m),
+                    ),
+                    (Some(KernelSpec::RmsNorm { .. }), KernelSpec::FloatRows { .. }) => (
+                        (vec![xr, gain, xn], TOKEN_THREADS),
+                        vec![w_ptr, xn, res, out],
+                        Grid::Rows(m),
+                    ),
+                    (None, KernelSpec::FloatRows { .. }) => {
+                        ((Vec::new(), 0), vec![w_ptr, xr, res, out], Grid::Rows(m))
                     }
-                    KernelSpec::NormQ8 { .. } => {
-                        let rows = next()?;
-                        let KernelSpec::QuantRows { n, glu, .. } = rows else {
-                            return Err(err(format!(
-                                "expected a Q8_0/Q4_x kernel, got {}",
-                                rows.name()
-                            )));
-                        };
-                        let m = if glu.is_some() { n / 2 } else { n };
-                        self.launch(
-                            &first,
-                            Grid::PerToken(1),
-                            NORM_THREADS,
-                            head,
-                            vec![
-                                xr,
-                                Arg::Ptr(gain),
-                                Arg::Ptr(xn),
-                                Arg::Ptr(q),
-                                Arg::Ptr(d8),
-                                Arg::Ptr(s8),
-                            ],
-                        )?;
-                        let args = vec![
-                            Arg::Ptr(p(Some(&w))?),
-                            Arg::Ptr(q),
-                            Arg::Ptr(d8),
-                            Arg::Ptr(s8),
-                            res,
-                            out,
-                        ];
-                        self.launch(&rows, Grid::Rows16(m), ROW_THREADS, head, args)?;
+                    (p, r) => {
+                        return Err(err(format!(
+                            "unexpected kernels {} and {}",
+                            p.as_ref().map_or("(none)".into(), |p| p.name()),
+                            r.name()
+                        )));
                     }
-                    KernelSpec::NormQ8K { .. } => {
-                        let rows = next()?;
-                        let KernelSpec::TernaryBlocks { n, glu, .. } = rows else {
-                            return Err(err(format!("expected a TQ kernel, got {}", rows.name())));
-                        };
-                        let scales = self
-                            .betas
-                            .iter()
-                            .find(|(b, _)| *b == w)
-                            .map(|(_, p)| *p)
-                            .ok_or_else(|| err("the weight's scales are missing".into()))?;
-                        let m = if glu.is_some() { n / 2 } else { n };
-                        self.launch(
-                            &first,
-                            Grid::PerToken(1),
-                            NORM_THREADS,
-                            head,
-                            vec![xr, Arg::Ptr(gain), Arg::Ptr(xn), Arg::Ptr(q), Arg::Ptr(d8)],
-                        )?;
-                        let args = vec![
-                            Arg::Ptr(p(Some(&w))?),
-                            Arg::Ptr(q),
-                            Arg::Ptr(d8),
-                            Arg::Ptr(scales),
-                            res,
-                            out,
-                        ];
-                        self.launch(&rows, Grid::Rows(m), ROW_THREADS, head, args)?;
-                    }
-                    KernelSpec::RmsNorm { .. } => {
-                        let rows = next()?;
-                        let KernelSpec::FloatRows { n, glu, .. } = rows else {
-                            return Err(err(format!(
-                                "expected a float rows kernel, got {}",
-                                rows.name()
-                            )));
-                        };
-                        let m = if glu.is_some() { n / 2 } else { n };
-                        self.launch(
-                            &first,
-                            Grid::PerToken(1),
-                            TOKEN_THREADS,
-                            head,
-                            vec![xr, Arg::Ptr(gain), Arg::Ptr(xn)],
-                        )?;
-                        let args = vec![Arg::Ptr(p(Some(&w))?), Arg::Ptr(xn), res, out];
-                        self.launch(&rows, Grid::Rows(m), ROW_THREADS, head, args)?;
-                    }
-                    KernelSpec::FloatRows { n, glu, .. } => {
-                        let m = if glu.is_some() { n / 2 } else { n };
-                        let args = vec![Arg::Ptr(p(Some(&w))?), xr, res, out];
-                        self.launch(&first, Grid::Rows(m), ROW_THREADS, head, args)?;
-                    }
-                    other => return Err(err(format!("unexpected kernel {}", other.name()))),
+                };
+                if let Some(p) = &prologue {
+                    self.launch(p, Grid::PerToken(1), before.1, head, before.0)?;
                 }
+                self.launch(&rows, grid, ROW_THREADS, head, rows_args)?;
             }
             Op::Mul | Op::Add | Op::Act { .. } => {
                 let spec = next()?;
