@@ -32,6 +32,12 @@ pub struct Engine {
     model: Model,
 }
 
+impl From<Model> for Engine {
+    fn from(model: Model) -> Engine {
+        Engine { model }
+    }
+}
+
 impl Engine {
     /// Opens a GGUF model or a compiled plan (`.bplan`) and binds it to kernels for this CPU.
     ///

@@ -8,6 +8,7 @@ pub mod api;
 pub mod bplan;
 pub mod npy;
 pub mod perplexity;
+pub mod serve;
 
 pub use api::{Engine, Metrics, Session, Stream};
 pub use runtime::generate::{FinishReason, GenerateOptions, Token};

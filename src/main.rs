@@ -42,6 +42,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Score a text: perplexity by llama.cpp's method (windows of -c tokens, second halves)
     Perplexity(cli::perplexity::PerplexityArgs),
+    /// Serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, …)
+    Serve(cli::serve::ServeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -240,6 +242,7 @@ fn llama_cpp_flags(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::f
     args.map(|a| match a.to_str() {
         Some("-cnv") => "--conversation".into(),
         Some("-sys") => "--system-prompt".into(),
+        Some("-np") => "--parallel".into(),
         _ => a,
     })
     .collect()
@@ -258,6 +261,7 @@ fn main() -> ExitCode {
         Command::GenModel(a) => cli::tools::gen_model(a),
         Command::Bench(a) => cli::bench::bench(a),
         Command::Perplexity(a) => cli::perplexity::perplexity(a),
+        Command::Serve(a) => cli::serve::serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -223,7 +223,7 @@ fn gpu_logits_match_the_cpu_within_tolerance() {
     for (rel, path) in &models {
         let open = |backend| {
             load(
-                &path,
+                path,
                 LoadOptions {
                     backend,
                     context: Some(64),

@@ -207,3 +207,14 @@ mod tests {
         );
     }
 }
+
+/// The texts of a tokenizer's BOS and EOS tokens (empty when it has none), which Jinja chat
+/// templates print.
+pub fn special_texts(tokenizer: &crate::tokenizer::Tokenizer) -> (String, String) {
+    let text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.spec().tokens.get(i as usize))
+            .cloned()
+            .unwrap_or_default()
+    };
+    (text(tokenizer.spec().bos), text(tokenizer.spec().eos))
+}

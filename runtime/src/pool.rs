@@ -33,6 +33,9 @@ const SPIN: u32 = 200_000;
 pub struct Pool {
     shared: Arc<Shared>,
     handles: Vec<JoinHandle<()>>,
+    /// Held by a `run` from start to end: jobs from several threads (sessions of one engine
+    /// used concurrently) take turns instead of overwriting each other's job.
+    running: Mutex<()>,
 }
 
 impl Pool {
@@ -57,20 +60,26 @@ impl Pool {
                     .spawn(move || worker(&shared, index))?,
             );
         }
-        Ok(Pool { shared, handles })
+        Ok(Pool {
+            shared,
+            handles,
+            running: Mutex::new(()),
+        })
     }
 
     pub fn threads(&self) -> usize {
         self.shared.threads
     }
 
-    /// Runs `job(index, threads)` on every worker and returns when all are done.
+    /// Runs `job(index, threads)` on every worker and returns when all are done. Calls from
+    /// several threads run one after the other.
     pub fn run(&self, job: Job<'_>) {
         let n = self.shared.threads;
         if n == 1 {
             job(0, 1);
             return;
         }
+        let _turn = self.running.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the erased reference is only used until `pending` reaches 0, which this
         // function waits for before returning (also when `job` panics on this thread).
         let ptr = JobPtr(unsafe { std::mem::transmute::<Job<'_>, Job<'static>>(job) });
@@ -170,6 +179,30 @@ mod tests {
         }
         for h in &hits {
             assert_eq!(h.load(Ordering::Relaxed), 1000);
+        }
+    }
+
+    /// Two threads running jobs on one pool: each job still runs once on every worker, with
+    /// its own arguments (without the turn lock the second job overwrote the first).
+    #[test]
+    fn jobs_from_two_threads_take_turns() {
+        let pool = Pool::new(3).unwrap();
+        let hits: Vec<AtomicUsize> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+        std::thread::scope(|s| {
+            for caller in 0..2 {
+                let (pool, hits) = (&pool, &hits);
+                s.spawn(move || {
+                    for _ in 0..300 {
+                        pool.run(&|_, n| {
+                            assert_eq!(n, 3);
+                            hits[caller].fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                });
+            }
+        });
+        for h in &hits {
+            assert_eq!(h.load(Ordering::Relaxed), 3 * 300);
         }
     }
 

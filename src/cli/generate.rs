@@ -3,7 +3,7 @@
 use super::Result;
 use crate::KvCacheType;
 use bitnetc::runtime::Session;
-use bitnetc::runtime::chat::{ChatFormat, Message};
+use bitnetc::runtime::chat::{ChatFormat, Message, special_texts};
 use bitnetc::runtime::generate::{GenerateOptions, Timings};
 use bitnetc::runtime::sampling::{Sampler, SamplingParams};
 use bitnetc::runtime::tokenizer::Tokenizer;
@@ -304,15 +304,6 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     a.model.exec.print_trace(&model);
     Ok(())
-}
-
-fn special_texts(tokenizer: &Tokenizer) -> (String, String) {
-    let text = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.spec().tokens.get(i as usize))
-            .cloned()
-            .unwrap_or_default()
-    };
-    (text(tokenizer.spec().bos), text(tokenizer.spec().eos))
 }
 
 const CHAT_HELP: &str = "/help   show this help\n/clear  forget the conversation\n/bye    leave (also Ctrl-D)\nA line ending in \\ continues on the next line.";

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod generate;
 pub mod inspect;
 pub mod perplexity;
+pub mod serve;
 pub mod tools;
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;

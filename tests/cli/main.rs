@@ -167,6 +167,7 @@ fn help_texts() {
         "tokenize",
         "bench",
         "perplexity",
+        "serve",
     ] {
         let o = bitnetc(&[cmd, "--help"]);
         assert!(o.status.success());
