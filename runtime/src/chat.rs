@@ -146,6 +146,17 @@ impl ChatFormat {
     }
 }
 
+/// The texts of a tokenizer's BOS and EOS tokens (empty when it has none), which Jinja chat
+/// templates print.
+pub fn special_texts(tokenizer: &crate::tokenizer::Tokenizer) -> (String, String) {
+    let text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.spec().tokens.get(i as usize))
+            .cloned()
+            .unwrap_or_default()
+    };
+    (text(tokenizer.spec().bos), text(tokenizer.spec().eos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,15 +217,4 @@ mod tests {
             "X"
         );
     }
-}
-
-/// The texts of a tokenizer's BOS and EOS tokens (empty when it has none), which Jinja chat
-/// templates print.
-pub fn special_texts(tokenizer: &crate::tokenizer::Tokenizer) -> (String, String) {
-    let text = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.spec().tokens.get(i as usize))
-            .cloned()
-            .unwrap_or_default()
-    };
-    (text(tokenizer.spec().bos), text(tokenizer.spec().eos))
 }
