@@ -220,6 +220,12 @@ impl Server {
         })
     }
 
+    fn tokenizer(&self) -> Result<&crate::runtime::tokenizer::Tokenizer, ApiError> {
+        self.engine
+            .tokenizer()
+            .map_err(|e| ApiError::server(e.to_string()))
+    }
+
     /// A free session's slot, waiting in the queue if there is room; 503 otherwise.
     async fn slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
@@ -285,77 +291,19 @@ async fn metrics(State(server): State<Arc<Server>>) -> impl IntoResponse {
     let secs = load(&s.generation_micros) as f64 / 1e6;
     let active = server.opts.parallel - server.slots.available_permits();
     let capacity = server.engine.model().engine.context() * server.opts.parallel;
+    #[rustfmt::skip]
     let lines = [
-        (
-            "requests_total",
-            "counter",
-            "Requests to the completion, chat and token endpoints.",
-            load(&s.requests) as f64,
-        ),
-        (
-            "errors_total",
-            "counter",
-            "Requests answered with an error.",
-            load(&s.errors) as f64,
-        ),
-        (
-            "busy_total",
-            "counter",
-            "Requests refused with 503: the queue was full.",
-            load(&s.busy) as f64,
-        ),
-        (
-            "cancelled_total",
-            "counter",
-            "Generations stopped because the client went away.",
-            load(&s.cancelled) as f64,
-        ),
-        (
-            "prompt_tokens_total",
-            "counter",
-            "Prompt tokens evaluated.",
-            load(&s.prompt_tokens) as f64,
-        ),
-        (
-            "tokens_generated_total",
-            "counter",
-            "Tokens generated.",
-            generated as f64,
-        ),
-        (
-            "tokens_per_second",
-            "gauge",
-            "Generated tokens per second of generation, summed over requests.",
-            if secs > 0.0 {
-                generated as f64 / secs
-            } else {
-                0.0
-            },
-        ),
-        (
-            "requests_processing",
-            "gauge",
-            "Requests generating now.",
-            active as f64,
-        ),
-        (
-            "requests_waiting",
-            "gauge",
-            "Requests waiting for a session.",
-            server.waiting.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "kv_cache_usage_ratio",
-            "gauge",
-            "KV cache positions in use over all sessions' capacity.",
-            load(&s.kv_positions) as f64 / capacity.max(1) as f64,
-        ),
-        (
-            "uptime_seconds",
-            "gauge",
-            "Seconds since the server started.",
-            server.started.elapsed().as_secs_f64(),
-        ),
+        ("requests_total", "counter", "Requests to the completion, chat and token endpoints.", load(&s.requests) as f64),
+        ("errors_total", "counter", "Requests answered with an error.", load(&s.errors) as f64),
+        ("busy_total", "counter", "Requests refused with 503: the queue was full.", load(&s.busy) as f64),
+        ("cancelled_total", "counter", "Generations stopped because the client went away.", load(&s.cancelled) as f64),
+        ("prompt_tokens_total", "counter", "Prompt tokens evaluated.", load(&s.prompt_tokens) as f64),
+        ("tokens_generated_total", "counter", "Tokens generated.", generated as f64),
+        ("tokens_per_second", "gauge", "Generated tokens per second of generation, summed over requests.", if secs > 0.0 { generated as f64 / secs } else { 0.0 }),
+        ("requests_processing", "gauge", "Requests generating now.", active as f64),
+        ("requests_waiting", "gauge", "Requests waiting for a session.", server.waiting.load(Ordering::Relaxed) as f64),
+        ("kv_cache_usage_ratio", "gauge", "KV cache positions in use over all sessions' capacity.", load(&s.kv_positions) as f64 / capacity.max(1) as f64),
+        ("uptime_seconds", "gauge", "Seconds since the server started.", server.started.elapsed().as_secs_f64()),
     ];
     let mut text = String::new();
     for (name, kind, help, value) in lines {
@@ -493,10 +441,7 @@ impl Server {
             }
             Some(n) => Some(n as usize),
         };
-        let tokenizer = self
-            .engine
-            .tokenizer()
-            .map_err(|e| ApiError::server(e.to_string()))?;
+        let tokenizer = self.tokenizer()?;
         let prompt = tokenizer.encode(text, true, true);
         if prompt.is_empty() {
             return Err(ApiError::invalid("the prompt has no tokens"));
@@ -840,10 +785,7 @@ async fn chat_completions(
         };
         messages.push(Message::new(role, &content));
     }
-    let tokenizer = server
-        .engine
-        .tokenizer()
-        .map_err(|e| fail(ApiError::server(e.to_string())))?;
+    let tokenizer = server.tokenizer().map_err(fail)?;
     let (bos, eos) = special_texts(tokenizer);
     let prompt = server
         .chat
@@ -865,10 +807,7 @@ async fn tokenize(
     json: Result<Json<TokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let r = body(&server, json)?;
-    let tokenizer = server
-        .engine
-        .tokenizer()
-        .map_err(|e| ApiError::server(e.to_string()))?;
+    let tokenizer = server.tokenizer()?;
     Ok(Json(
         json!({"tokens": tokenizer.encode(&r.content, r.add_special, true)}),
     ))
@@ -884,10 +823,7 @@ async fn detokenize(
     json: Result<Json<DetokenizeRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let r = body(&server, json)?;
-    let tokenizer = server
-        .engine
-        .tokenizer()
-        .map_err(|e| ApiError::server(e.to_string()))?;
+    let tokenizer = server.tokenizer()?;
     let vocab = tokenizer.spec().tokens.len();
     if let Some(bad) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
         server.stats.errors.fetch_add(1, Ordering::Relaxed);
