@@ -244,9 +244,19 @@ impl Server {
                 code: Some("server_busy"),
             });
         }
-        let p = self.slots.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        p.map_err(|_| ApiError::server("the server is shutting down"))
+        // Counted as waiting until it has a slot or its request is dropped (the client left).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _waiting = Waiting(&self.waiting);
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::server("the server is shutting down"))
     }
 }
 

@@ -394,24 +394,32 @@ fn first_event(s: TcpStream) -> BufReader<TcpStream> {
 }
 
 /// A client that goes away mid-stream: its generation (thousands of tokens) stops and its
-/// session is freed for the next request.
+/// session is freed for the next request; one that goes away while waiting for a session
+/// leaves the queue.
 #[test]
 fn a_client_that_disconnects_frees_its_session() {
-    let server = start_with(1, 0, None, LONG);
+    let server = start_with(1, 1, None, LONG);
     let addr = server.addr;
-    let r = first_event(send(
-        addr,
-        "POST",
-        "/v1/completions",
-        &json!({"prompt": "a", "max_tokens": LONG - 8, "stream": true}).to_string(),
-        &[],
-    ));
+    let long = json!({"prompt": "a", "max_tokens": LONG - 8, "stream": true}).to_string();
+    let r = first_event(send(addr, "POST", "/v1/completions", &long, &[]));
+    // A second client waits for the session, then goes away too.
+    let waiting = send(addr, "POST", "/v1/completions", &long, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !get(addr, "/metrics")
+        .body
+        .contains("bitnetc_requests_waiting 1\n")
+    {
+        assert!(Instant::now() < deadline, "the second request never waited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(waiting);
     drop(r);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = get(addr, "/metrics").body;
         if m.contains("bitnetc_cancelled_total 1\n")
             && m.contains("bitnetc_requests_processing 0\n")
+            && m.contains("bitnetc_requests_waiting 0\n")
         {
             assert!(m.contains("bitnetc_kv_cache_usage_ratio 0\n"), "{m}");
             break;
