@@ -1,12 +1,15 @@
 """An independent perplexity reference for llama GGUFs, in numpy: the weights dequantized to f32
 (`gguf` package), the llama forward pass (RMSNorm, adjacent-pair RoPE, grouped-query
 attention, SiLU FFN, tied head), and llama.cpp's windowed scoring (second half of each
-window of N_CTX tokens). Token ids come from a file, one per line, e.g. from
-`bitnetc tokenize -m MODEL -p "$(cat TEXT)" --ids`.
+window of N_CTX tokens). Token ids come from a file: a JSON array (as
+`bitnetc tokenize -m MODEL -p "$(cat TEXT)" --ids` prints) or whitespace-separated ids.
 
 Usage: python perplexity_reference.py MODEL.gguf IDS.txt N_CTX CHUNKS  (needs numpy and gguf)
 """
-import sys, numpy as np, gguf
+import json, sys
+
+import gguf
+import numpy as np
 path, ids_path, n_ctx, chunks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 r = gguf.GGUFReader(path)
 meta = {f.name: f for f in r.fields.values()}
@@ -27,7 +30,8 @@ def rope(x, pos):  # x [T, heads, d], adjacent pairs
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x); out[..., 0::2] = x0 * c - x1 * s; out[..., 1::2] = x0 * s + x1 * c
     return out
-ids = np.array([int(l) for l in open(ids_path)], dtype=np.int64)
+text = open(ids_path).read()
+ids = np.array(json.loads(text) if text.lstrip().startswith("[") else text.split(), dtype=np.int64)
 nll = []; 
 for ch in range(chunks):
     toks = ids[ch * n_ctx:(ch + 1) * n_ctx]; T = len(toks); pos = np.arange(T, dtype=np.float64)
