@@ -7,7 +7,7 @@
 //! and beyond that a request is answered 503. Errors are OpenAI-shaped JSON. A client that goes
 //! away stops its generation at the next token and frees its session.
 
-use crate::runtime::chat::{ChatFormat, Message, special_texts};
+use crate::runtime::chat::{ChatFormat, Message};
 use crate::{Engine, FinishReason, SamplingParams};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Request, State};
@@ -795,11 +795,9 @@ async fn chat_completions(
         };
         messages.push(Message::new(role, &content));
     }
-    let tokenizer = server.tokenizer().map_err(fail)?;
-    let (bos, eos) = special_texts(tokenizer);
     let prompt = server
         .chat
-        .render(&messages, true, &bos, &eos)
+        .render_for(server.tokenizer().map_err(fail)?, &messages, true)
         .map_err(|e| fail(ApiError::invalid(e.to_string())))?;
     let job = server.job(&prompt, r.sampling)?;
     answer(server, job, Kind::Chat).await

@@ -142,6 +142,18 @@ fn get(addr: SocketAddr, path: &str) -> Answer {
     read_answer(send(addr, "GET", path, "", &[]))
 }
 
+/// The prompt the model's chat format makes of `(role, content)` messages.
+fn chat_prompt(messages: &[(&str, &str)]) -> String {
+    use bitnetc::runtime::chat::{ChatFormat, Message};
+    let e = engine();
+    let t = e.tokenizer().unwrap();
+    let messages: Vec<Message> = messages.iter().map(|(r, c)| Message::new(r, c)).collect();
+    ChatFormat::for_model(t.spec().chat_template.as_deref(), false)
+        .unwrap()
+        .render_for(t, &messages, true)
+        .unwrap()
+}
+
 /// The library's greedy continuation of `prompt`: what the server must answer.
 fn greedy(prompt: &str, n: usize) -> String {
     let e = engine_with(256);
@@ -214,23 +226,7 @@ fn completions_and_chat_answer_what_the_library_generates() {
         .as_str()
         .unwrap()
         .to_string();
-    let tokenizer = engine();
-    let t = tokenizer.tokenizer().unwrap();
-    let format =
-        bitnetc::runtime::chat::ChatFormat::for_model(t.spec().chat_template.as_deref(), false)
-            .unwrap();
-    let (bos, eos) = bitnetc::runtime::chat::special_texts(t);
-    let prompt = format
-        .render(
-            &[
-                bitnetc::runtime::chat::Message::new("system", "Be brief."),
-                bitnetc::runtime::chat::Message::new("user", "Hi"),
-            ],
-            true,
-            &bos,
-            &eos,
-        )
-        .unwrap();
+    let prompt = chat_prompt(&[("system", "Be brief."), ("user", "Hi")]);
     assert_eq!(content, greedy(&prompt, 6));
     let mut streamed = chat.clone();
     streamed["stream"] = json!(true);
@@ -464,22 +460,7 @@ fn the_openai_python_client_drives_the_server() {
         return;
     }
     let server = start(1, 4, Some("test-key"));
-    let chat_prompt = {
-        let e = engine();
-        let t = e.tokenizer().unwrap();
-        let format =
-            bitnetc::runtime::chat::ChatFormat::for_model(t.spec().chat_template.as_deref(), false)
-                .unwrap();
-        let (bos, eos) = bitnetc::runtime::chat::special_texts(t);
-        format
-            .render(
-                &[bitnetc::runtime::chat::Message::new("user", "Hi")],
-                true,
-                &bos,
-                &eos,
-            )
-            .unwrap()
-    };
+    let chat_prompt = chat_prompt(&[("user", "Hi")]);
     let script = bitnetc_tests::repo_root().join("tests/openai_client.py");
     let o = std::process::Command::new(&python)
         .arg(script)

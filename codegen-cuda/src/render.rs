@@ -11,7 +11,7 @@
 //! holds a plan's kernels once each.
 
 use bitnetc_ir::encoding::Encoding;
-use bitnetc_ir::types::{Activation, HalfPath, RopeStyle};
+use bitnetc_ir::types::{Activation, DotPath, HalfPath, RopeStyle};
 use std::fmt::Write;
 
 /// Threads per block of the row kernels: 4 warps, one output row each at a time.
@@ -168,11 +168,17 @@ pub enum Round {
 }
 
 impl Round {
+    /// How `path` rounds in a step of one token and in one of several.
     pub fn of(path: HalfPath) -> Round {
-        match path {
-            HalfPath::F32 => Round::Never,
-            HalfPath::Gemv | HalfPath::Gemm16 => Round::Always,
-            HalfPath::Gemm32 => Round::OneToken,
+        let rounds = |t| match path.path(t) {
+            DotPath::F32 => false,
+            DotPath::Gemv => true,
+            DotPath::Gemm { round } => round,
+        };
+        match (rounds(1), rounds(2)) {
+            (true, true) => Round::Always,
+            (true, false) => Round::OneToken,
+            _ => Round::Never,
         }
     }
 

@@ -74,6 +74,17 @@ impl ChatFormat {
         }
     }
 
+    /// [`ChatFormat::render`] with the BOS and EOS texts of `tokenizer`.
+    pub fn render_for(
+        &self,
+        tokenizer: &crate::tokenizer::Tokenizer,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
+        let (bos, eos) = special_texts(tokenizer);
+        self.render(messages, add_generation_prompt, &bos, &eos)
+    }
+
     /// The prompt text for `messages`, ending with the assistant's turn when
     /// `add_generation_prompt`. `bos` and `eos` are the model's token texts (for Jinja).
     pub fn render(
@@ -148,7 +159,7 @@ impl ChatFormat {
 
 /// The texts of a tokenizer's BOS and EOS tokens (empty when it has none), which Jinja chat
 /// templates print.
-pub fn special_texts(tokenizer: &crate::tokenizer::Tokenizer) -> (String, String) {
+fn special_texts(tokenizer: &crate::tokenizer::Tokenizer) -> (String, String) {
     let text = |id: Option<u32>| {
         id.and_then(|i| tokenizer.spec().tokens.get(i as usize))
             .cloned()

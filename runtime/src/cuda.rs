@@ -641,9 +641,9 @@ impl Builder<'_> {
             }
             Op::Mul | Op::Add | Op::Act { .. } => {
                 let spec = next()?;
-                let (KernelSpec::Binary { n, .. } | KernelSpec::Act { n, .. }) = spec else {
+                if !matches!(spec, KernelSpec::Binary { .. } | KernelSpec::Act { .. }) {
                     return Err(err(format!("unexpected kernel {}", spec.name())));
-                };
+                }
                 let per_token = row_bytes(r[0]) / 4;
                 let mut args = vec![Arg::Ptr(p(o.first())?)];
                 if !matches!(step.op, Op::Act { .. }) {
@@ -651,7 +651,6 @@ impl Builder<'_> {
                 }
                 args.push(Arg::Ptr(p(r.first())?));
                 args.push(Arg::Total(per_token));
-                let _ = n;
                 self.launch(&spec, Grid::Elems(per_token), 256, false, args)?;
             }
             Op::Split { sizes } => {

@@ -3,7 +3,7 @@
 use super::Result;
 use crate::KvCacheType;
 use bitnetc::runtime::Session;
-use bitnetc::runtime::chat::{ChatFormat, Message, special_texts};
+use bitnetc::runtime::chat::{ChatFormat, Message};
 use bitnetc::runtime::generate::{GenerateOptions, Timings};
 use bitnetc::runtime::sampling::{Sampler, SamplingParams};
 use bitnetc::runtime::tokenizer::Tokenizer;
@@ -279,8 +279,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             messages.push(Message::new("system", sys));
         }
         messages.push(Message::new("user", &text));
-        let (bos, eos) = special_texts(tokenizer);
-        format.render(&messages, true, &bos, &eos)?
+        format.render_for(tokenizer, &messages, true)?
     } else {
         text
     };
@@ -312,7 +311,6 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let (model, load_time) = open(&a.model)?;
     let tokenizer = model.tokenizer()?;
     let format = ChatFormat::for_model(tokenizer.spec().chat_template.as_deref(), a.jinja)?;
-    let (bos, eos) = special_texts(tokenizer);
     eprintln!(
         "{} loaded in {:.2} s; chat format {}. Type /help for commands.",
         a.model.model.display(),
@@ -368,7 +366,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(Message::new("user", &input));
-        let prompt = tokenizer.encode(&format.render(&messages, true, &bos, &eos)?, true, true);
+        let prompt = tokenizer.encode(&format.render_for(tokenizer, &messages, true)?, true, true);
         let params = a.sampling.params();
         let seed = params.seed;
         let (_, answer, timings) =
