@@ -7,6 +7,7 @@
 //! and beyond that a request is answered 503. Errors are OpenAI-shaped JSON. A client that goes
 //! away stops its generation at the next token and frees its session.
 
+use crate::runtime::SpareSession;
 use crate::runtime::chat::{ChatFormat, Message};
 use crate::{Engine, FinishReason, SamplingParams};
 use axum::extract::rejection::JsonRejection;
@@ -44,6 +45,9 @@ pub struct Server {
     opts: ServeOptions,
     chat: ChatFormat,
     slots: Arc<Semaphore>,
+    /// The memory of finished sessions (at most `parallel`), reused by the next requests so
+    /// that serving allocates no KV cache or arena after the first requests.
+    spares: std::sync::Mutex<Vec<SpareSession>>,
     waiting: AtomicUsize,
     created: u64,
     started: Instant,
@@ -148,6 +152,7 @@ impl Server {
             slots: Arc::new(Semaphore::new(opts.parallel.max(1))),
             opts,
             chat,
+            spares: std::sync::Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -321,7 +326,27 @@ async fn metrics(State(server): State<Arc<Server>>) -> impl IntoResponse {
             "# HELP bitnetc_{name} {help}\n# TYPE bitnetc_{name} {kind}\nbitnetc_{name} {value}\n"
         );
     }
+    if let Some(bytes) = resident_bytes() {
+        text += &format!(
+            "# HELP process_resident_memory_bytes Resident memory of the server process.\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {bytes}\n"
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// The process's resident set (`VmRSS` of /proc/self/status), where the system tells it.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 async fn models(State(server): State<Arc<Server>>) -> Json<Value> {
@@ -527,8 +552,8 @@ fn finish_name(r: Option<FinishReason>) -> &'static str {
     }
 }
 
-/// Runs `job` on a blocking thread in a new session, holding `slot` until it ends; stops when
-/// the receiver is dropped (the client went away).
+/// Runs `job` on a blocking thread in a session (a finished one's memory when there is one),
+/// holding `slot` until it ends; stops when the receiver is dropped (the client went away).
 fn start(server: Arc<Server>, job: Job, slot: OwnedSemaphorePermit) -> mpsc::Receiver<Piece> {
     let (tx, rx) = mpsc::channel(64);
     tokio::task::spawn_blocking(move || {
@@ -541,7 +566,16 @@ fn start(server: Arc<Server>, job: Job, slot: OwnedSemaphorePermit) -> mpsc::Rec
                 return;
             }
         };
-        let mut session = server.engine.model().engine.session();
+        let engine = &server.engine.model().engine;
+        let spare = server
+            .spares
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let mut session = match spare {
+            Some(spare) => engine.session_from(spare),
+            None => engine.session(),
+        };
         let options = crate::GenerateOptions {
             max_tokens: job.max_tokens,
             ignore_eos: false,
@@ -582,6 +616,12 @@ fn start(server: Arc<Server>, job: Job, slot: OwnedSemaphorePermit) -> mpsc::Rec
             .generation_micros
             .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         hold(0);
+        let spare = session.into_spare();
+        server
+            .spares
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(spare);
         match result {
             Ok((true, n, finish)) => {
                 let _ = tx.blocking_send(Piece::Done {

@@ -382,6 +382,10 @@ impl Arena {
     }
 }
 
+// SAFETY: the arena owns its allocation, which nothing outside it points into; moving it to
+// another thread moves that ownership (a `Box<[u8]>` with an alignment).
+unsafe impl Send for Arena {}
+
 impl Drop for Arena {
     fn drop(&mut self) {
         if self.len > 0 {

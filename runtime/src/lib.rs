@@ -51,6 +51,7 @@ type Gpu = std::sync::Mutex<(cuda::CudaExecutor, Option<u64>)>;
 type Gpu = ();
 
 static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+static ENGINES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A model ready to run: its plan, its weights, and the plan compiled for this host (or the
 /// reference interpreter).
@@ -61,6 +62,8 @@ pub struct Engine {
     context: usize,
     exec: Option<Executor>,
     gpu: Option<Gpu>,
+    /// This engine's number: which engine a [`SpareSession`] belongs to.
+    id: u64,
 }
 
 impl Engine {
@@ -157,6 +160,7 @@ impl Engine {
             context,
             exec: None,
             gpu: None,
+            id: ENGINES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -179,6 +183,27 @@ impl Engine {
 
     /// A new, empty sequence.
     pub fn session(&self) -> Session<'_> {
+        self.fresh_session()
+    }
+
+    /// A new session in the memory of a finished one ([`Session::into_spare`]), so that a
+    /// server starting session after session allocates its KV caches and arenas once. A spare
+    /// of another engine is dropped and a fresh session made.
+    pub fn session_from(&self, spare: SpareSession) -> Session<'_> {
+        if spare.engine != self.id {
+            return self.fresh_session();
+        }
+        Session {
+            engine: self,
+            kv: spare.kv,
+            state: spare.state,
+            history: spare.history,
+            arena: spare.arena,
+            id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    fn fresh_session(&self) -> Session<'_> {
         Session {
             engine: self,
             kv: KvCache::new(if self.exec.is_some() || self.gpu.is_some() {
@@ -192,6 +217,16 @@ impl Engine {
             id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
+}
+
+/// The memory of a finished session (KV cache, arenas), emptied, to start the next session of
+/// the same engine with: [`Engine::session_from`].
+pub struct SpareSession {
+    engine: u64,
+    kv: KvCache,
+    state: Option<exec::State>,
+    history: Vec<u32>,
+    arena: Vec<u8>,
 }
 
 /// One sequence: its KV cache, the tokens in it, and the arena its steps compute in.
@@ -364,5 +399,17 @@ impl Session<'_> {
     /// Forgets the sequence.
     pub fn reset(&mut self) {
         self.rewind(0);
+    }
+
+    /// Ends the session, keeping its memory for the engine's next one.
+    pub fn into_spare(mut self) -> SpareSession {
+        self.reset();
+        SpareSession {
+            engine: self.engine.id,
+            kv: self.kv,
+            state: self.state,
+            history: self.history,
+            arena: self.arena,
+        }
     }
 }
