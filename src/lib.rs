@@ -189,7 +189,37 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
 }
 
 fn load_gguf(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
-    let file = Arc::new(GgufFile::open(path)?);
+    load_gguf_file(GgufFile::open(path)?, opts)
+}
+
+/// The model built into bitnetc: a 2.9M-parameter BitNet b1.58 (I2_S) trained on Shakespeare's
+/// plays by `tools/train-tiny/train.py`; `models/README.md` is its model card.
+pub mod builtin {
+    use super::{Error, GgufFile, LoadOptions, Model};
+    use std::time::Instant;
+
+    /// The GGUF file, as shipped in `models/`.
+    pub const GGUF: &[u8] = include_bytes!("../models/tiny-shakespeare.gguf");
+    /// The name it has in messages and in `general.name`.
+    pub const NAME: &str = "tiny-shakespeare";
+    /// Where its replies in a conversation end: its chat template frames a conversation as
+    /// speeches in a play (`FIRST CITIZEN.` asks, `HAMLET.` answers), and a speech ends at a
+    /// blank line.
+    pub const REPLY_STOP: &str = "\n\n";
+    /// How errors and `inspect` name it.
+    pub const PATH: &str = "<built-in>/tiny-shakespeare.gguf";
+
+    /// Opens the built-in model ready to run, as [`crate::load`] opens a file.
+    pub fn load(opts: LoadOptions) -> Result<Model, Error> {
+        let started = Instant::now();
+        let mut model = super::load_gguf_file(GgufFile::from_bytes(PATH, GGUF.to_vec())?, opts)?;
+        model.load_time = started.elapsed().saturating_sub(model.compile_time);
+        Ok(model)
+    }
+}
+
+fn load_gguf_file(file: GgufFile, opts: LoadOptions) -> Result<Model, Error> {
+    let file = Arc::new(file);
     let config = ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
     let mut graph = lower(&file, &config, &opts.lower)?;
     let config_passes = passes::PassConfig::default();

@@ -157,7 +157,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 lm_head: a.lm_head,
                 device: a.device,
             };
-            let model = super::load(path, a.kv_cache, Some(context), None, &exec)?;
+            let model = super::load(Some(path), a.kv_cache, Some(context), None, &exec)?;
             let desc = bitnetc::gguf::describe::describe(&model.file, false);
             let main_type = desc
                 .totals

@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 /// How a model is opened.
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// The model: a GGUF file or a compiled plan (.bplan)
+    /// The model: a GGUF file or a compiled plan (.bplan); the built-in tiny Shakespeare model
+    /// when left out
     #[arg(short = 'm', long)]
-    pub model: PathBuf,
-    /// Context size in tokens (positions the KV cache holds)
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
-    pub ctx_size: usize,
+    pub model: Option<PathBuf>,
+    /// Context size in tokens (positions the KV cache holds); default: the model's own
+    /// context length
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<usize>,
     /// KV cache element type
     #[arg(long, value_enum, value_name = "TYPE", default_value = "f16")]
     pub kv_cache: KvCacheType,
@@ -149,9 +151,10 @@ pub struct ChatArgs {
 
 #[derive(clap::Args)]
 pub struct TokenizeArgs {
-    /// The model: a GGUF file or a compiled plan (.bplan)
+    /// The model: a GGUF file or a compiled plan (.bplan); the built-in tiny Shakespeare model
+    /// when left out
     #[arg(short = 'm', long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// The text
     #[arg(short = 'p', long)]
     pub prompt: String,
@@ -198,9 +201,9 @@ fn process_escapes(s: &str) -> String {
 fn open(m: &ModelArgs) -> Result<(bitnetc::Model, Duration)> {
     let started = Instant::now();
     let model = super::load(
-        &m.model,
+        m.model.as_deref(),
         m.kv_cache,
-        Some(m.ctx_size),
+        m.ctx_size,
         m.pre_tokenizer.clone(),
         &m.exec,
     )?;
@@ -253,7 +256,18 @@ fn stream(
     Ok((ids, text, generation.timings()))
 }
 
-pub fn run(a: RunArgs) -> Result<()> {
+/// A reply of the built-in model ends at a blank line, as a speech does in the plays it learned
+/// from (it has no end-of-turn token).
+fn builtin_reply_stop(model: &ModelArgs, sampling: &mut SamplingArgs) {
+    if model.model.is_none() && sampling.stop.is_empty() {
+        sampling.stop.push(bitnetc::builtin::REPLY_STOP.into());
+    }
+}
+
+pub fn run(mut a: RunArgs) -> Result<()> {
+    if a.conversation {
+        builtin_reply_stop(&a.model, &mut a.sampling);
+    }
     let raw = match (&a.prompt, &a.file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {
@@ -307,13 +321,14 @@ pub fn run(a: RunArgs) -> Result<()> {
 
 const CHAT_HELP: &str = "/help   show this help\n/clear  forget the conversation\n/bye    leave (also Ctrl-D)\nA line ending in \\ continues on the next line.";
 
-pub fn chat(a: ChatArgs) -> Result<()> {
+pub fn chat(mut a: ChatArgs) -> Result<()> {
+    builtin_reply_stop(&a.model, &mut a.sampling);
     let (model, load_time) = open(&a.model)?;
     let tokenizer = model.tokenizer()?;
     let format = ChatFormat::for_model(tokenizer.spec().chat_template.as_deref(), a.jinja)?;
     eprintln!(
         "{} loaded in {:.2} s; chat format {}. Type /help for commands.",
-        a.model.model.display(),
+        super::model_name(a.model.model.as_deref()),
         load_time.as_secs_f64(),
         format.name()
     );
@@ -388,7 +403,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     let model = super::load(
-        &a.model,
+        a.model.as_deref(),
         KvCacheType::F16,
         Some(1),
         a.pre_tokenizer.clone(),

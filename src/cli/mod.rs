@@ -156,8 +156,17 @@ impl ExecArgs {
 }
 
 /// Opens a model ready to run.
+/// How messages name a model: its path, or the built-in model's name.
+pub fn model_name(model: Option<&std::path::Path>) -> String {
+    match model {
+        Some(path) => path.display().to_string(),
+        None => format!("{} (built in)", bitnetc::builtin::NAME),
+    }
+}
+
+/// Opens `model`, or the built-in model when there is none.
 pub fn load(
-    model: &std::path::Path,
+    model: Option<&std::path::Path>,
     kv_cache: crate::KvCacheType,
     context: Option<usize>,
     pre_tokenizer: Option<String>,
@@ -172,7 +181,10 @@ pub fn load(
         pre_tokenizer,
         passes: None,
     };
-    Ok(bitnetc::load(model, opts)?)
+    Ok(match model {
+        Some(path) => bitnetc::load(path, opts)?,
+        None => bitnetc::builtin::load(opts)?,
+    })
 }
 
 pub fn human_bytes(n: u64) -> String {

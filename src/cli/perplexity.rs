@@ -7,9 +7,10 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct PerplexityArgs {
-    /// The model: a GGUF file or a compiled plan (.bplan)
+    /// The model: a GGUF file or a compiled plan (.bplan); the built-in tiny Shakespeare model
+    /// when left out
     #[arg(short = 'm', long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// The text to score
     #[arg(short = 'f', long = "file")]
     pub file: PathBuf,
@@ -29,7 +30,21 @@ pub struct PerplexityArgs {
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let text =
         std::fs::read_to_string(&a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
-    let model = super::load(&a.model, a.kv_cache, Some(a.ctx_size), None, &a.exec)?;
+    let model = super::load(
+        a.model.as_deref(),
+        a.kv_cache,
+        Some(a.ctx_size),
+        None,
+        &a.exec,
+    )?;
+    let trained = model.config.context_length as usize;
+    if a.ctx_size > trained {
+        eprintln!(
+            "warning: windows of {} tokens are longer than the {trained} positions the model was \
+             trained on; its perplexity there says little (use -c {trained} or less)",
+            a.ctx_size
+        );
+    }
     let tokens = model.tokenizer()?.encode(&text, true, false);
     let n_tokens = tokens.len();
     let available = n_tokens / a.ctx_size.max(1);

@@ -37,9 +37,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         return Err("--device cuda serves one request at a time: use --parallel 1".into());
     }
     let model = super::load(
-        &a.model.model,
+        a.model.model.as_deref(),
         a.model.kv_cache,
-        Some(a.model.ctx_size),
+        a.model.ctx_size,
         a.model.pre_tokenizer.clone(),
         &a.model.exec,
     )?;
@@ -47,8 +47,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let model_id = a.alias.clone().unwrap_or_else(|| {
         a.model
             .model
-            .file_stem()
-            .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+            .as_deref()
+            .map_or(bitnetc::builtin::NAME.into(), |m| {
+                m.file_stem()
+                    .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+            })
     });
     let opts = ServeOptions {
         parallel: a.parallel,
@@ -56,6 +59,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         api_key: a.api_key.clone(),
         model_id: model_id.clone(),
     };
+    let context = model.engine.context();
     let server = Server::new(bitnetc::Engine::from(model), opts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -70,7 +74,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             "serving {model_id} on http://{} ({} at once with {} positions each, {} may wait){}; Ctrl-C stops",
             listener.local_addr()?,
             a.parallel,
-            a.model.ctx_size,
+            context,
             a.queue,
             if a.api_key.is_some() { ", API key required" } else { "" }
         );

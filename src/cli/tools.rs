@@ -206,7 +206,13 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     if tokens.is_empty() {
         return Err("--tokens: no token ids given".into());
     }
-    let model = super::load(&a.model, a.kv_cache, Some(tokens.len()), None, &a.exec)?;
+    let model = super::load(
+        Some(&a.model),
+        a.kv_cache,
+        Some(tokens.len()),
+        None,
+        &a.exec,
+    )?;
     let vocab = model.engine.vocab_size();
     if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(format!("--tokens: id {t} is outside the vocabulary of {vocab}").into());

@@ -302,6 +302,48 @@ fn run_answers_paris() {
     assert_answers_paris(&model);
 }
 
+/// With no `-m`, `run` uses the built-in model, and its greedy ids are those its training script
+/// recorded (models/tiny-shakespeare.json).
+#[test]
+fn run_without_a_model_uses_the_built_in_one() {
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shakespeare.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let prompt = record["prompt"].as_str().unwrap();
+    let o = bitnetc(&[
+        "run",
+        "-p",
+        prompt,
+        "-n",
+        "24",
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "--no-display-prompt",
+        "--output-ids",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want: Vec<u64> = record["greedy_ids"].as_array().unwrap()[..24]
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let ids: Vec<u64> = serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(ids, want);
+    let text = stdout(&o);
+    assert!(
+        !text.is_empty()
+            && record["greedy_text"]
+                .as_str()
+                .unwrap()
+                .starts_with(text.trim_end_matches('\n')),
+        "{text:?}"
+    );
+}
+
 #[test]
 fn tokenize_prints_ids_and_pieces() {
     let model = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
