@@ -3,11 +3,13 @@
 //! `/health` and `/metrics` (Prometheus text).
 //!
 //! Up to [`ServeOptions::parallel`] requests generate at once, each in its own session (its
-//! own KV cache), on blocking threads; up to [`ServeOptions::queue`] more wait for a free one,
-//! and beyond that a request is answered 503. Errors are OpenAI-shaped JSON. A client that goes
+//! own KV cache), on blocking threads, their decode steps batched into one step over all their
+//! tokens ([`DecodeBatcher`]); up to [`ServeOptions::queue`] more wait for a free one, and
+//! beyond that a request is answered 503. Errors are OpenAI-shaped JSON. A client that goes
 //! away stops its generation at the next token and frees its session.
 
 use crate::runtime::SpareSession;
+use crate::runtime::batch::DecodeBatcher;
 use crate::runtime::chat::{ChatFormat, Message};
 use crate::{Engine, FinishReason, SamplingParams};
 use axum::extract::rejection::JsonRejection;
@@ -48,6 +50,9 @@ pub struct Server {
     /// The memory of finished sessions (at most `parallel`), reused by the next requests so
     /// that serving allocates no KV cache or arena after the first requests.
     spares: std::sync::Mutex<Vec<SpareSession>>,
+    /// Where the sessions' decode steps meet to run as one (with more than one session on the
+    /// compiled executor).
+    batcher: Option<Arc<DecodeBatcher>>,
     waiting: AtomicUsize,
     created: u64,
     started: Instant,
@@ -147,7 +152,10 @@ impl Server {
         let template = engine.tokenizer()?.spec().chat_template.clone();
         let chat = ChatFormat::for_model(template.as_deref(), false)
             .map_err(|e| crate::Error::Tokenizer(e.to_string()))?;
+        let batcher = (opts.parallel > 1 && engine.model().engine.executor().is_some())
+            .then(|| DecodeBatcher::new(&engine.model().engine));
         Ok(Arc::new(Server {
+            batcher,
             engine,
             slots: Arc::new(Semaphore::new(opts.parallel.max(1))),
             opts,
@@ -318,6 +326,8 @@ async fn metrics(State(server): State<Arc<Server>>) -> impl IntoResponse {
         ("requests_processing", "gauge", "Requests generating now.", active as f64),
         ("requests_waiting", "gauge", "Requests waiting for a session.", server.waiting.load(Ordering::Relaxed) as f64),
         ("kv_cache_usage_ratio", "gauge", "KV cache positions in use over all sessions' capacity.", load(&s.kv_positions) as f64 / capacity.max(1) as f64),
+        ("decode_steps_total", "counter", "Batched decode steps run (one token of each session generating).", server.batcher.as_ref().map_or(0, |b| b.counts().0) as f64),
+        ("decode_step_tokens_total", "counter", "Tokens of the batched decode steps: over decode_steps_total, the mean batch.", server.batcher.as_ref().map_or(0, |b| b.counts().1) as f64),
         ("uptime_seconds", "gauge", "Seconds since the server started.", server.started.elapsed().as_secs_f64()),
     ];
     let mut text = String::new();
@@ -576,6 +586,12 @@ fn start(server: Arc<Server>, job: Job, slot: OwnedSemaphorePermit) -> mpsc::Rec
             Some(spare) => engine.session_from(spare),
             None => engine.session(),
         };
+        if let Some(b) = &server.batcher
+            && let Err(e) = session.join(b)
+        {
+            let _ = tx.blocking_send(Piece::Failed(e.to_string()));
+            return;
+        }
         let options = crate::GenerateOptions {
             max_tokens: job.max_tokens,
             ignore_eos: false,

@@ -68,12 +68,14 @@ fn assert_bits_equal(ours: &[f32], reference: &[f32], what: &str) {
 }
 
 /// Step patterns: one prefill; decode; prefill then decode (past 64 positions, where
-/// attention's GEMV starts its 64-lane chains); uneven prefills.
-const PATTERNS: [&[usize]; 4] = [
+/// attention's GEMV starts its 64-lane chains); uneven prefills; steps of 2 to 4 tokens (the
+/// ternary one-token kernel run per token).
+const PATTERNS: [&[usize]; 5] = [
     &[72],
     &[1; 72],
     &[62, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
     &[33, 31, 8],
+    &[3, 2, 4, 63],
 ];
 
 #[test]
@@ -205,4 +207,44 @@ fn the_context_limit_is_an_error_not_a_panic() {
     assert_eq!(s.position(), 6);
     let e = s.eval(&[5000]).unwrap_err().to_string();
     assert!(e.contains("token 5000"), "{e}");
+}
+
+/// A batched decode step of several sessions gives each the logits it gets alone, bit for
+/// bit: sessions at different positions (prompts of 3, 40 and 70 tokens, so attention's
+/// 64-lane chains and one-token paths are both crossed), on every fixture model, with the
+/// best and the baseline kernels, in chunks when there are more sessions than a step holds.
+#[test]
+fn a_batched_decode_step_equals_each_session_alone() {
+    let mut models: Vec<std::path::PathBuf> = TINY_MODELS.iter().map(|r| fixture(r)).collect();
+    models.extend(shared_fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    for path in models {
+        for (kernels, batch) in [(KernelSet::Best, 512), (KernelSet::Baseline, 2)] {
+            let m = open(&path, compiled(2, kernels, batch), 80);
+            let vocab = m.engine.vocab_size();
+            let prompts: Vec<Vec<u32>> = [3, 40, 70]
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| tokens(n, vocab, 11 + i as u64))
+                .collect();
+            let what = format!("{} {kernels:?} batch {batch}", path.display());
+            let mut alone: Vec<_> = prompts.iter().map(|_| m.engine.session()).collect();
+            let mut together: Vec<_> = prompts.iter().map(|_| m.engine.session()).collect();
+            for (i, p) in prompts.iter().enumerate() {
+                alone[i].eval_last(p).unwrap();
+                together[i].eval_last(p).unwrap();
+            }
+            for step in 0..4 {
+                let next: Vec<u32> = (0..prompts.len())
+                    .map(|i| ((step * 7 + i * 13) % vocab) as u32)
+                    .collect();
+                let mut refs: Vec<_> = together.iter_mut().collect();
+                let got = m.engine.decode_batch(&mut refs, &next).unwrap();
+                for (i, s) in alone.iter_mut().enumerate() {
+                    let want = s.eval_last(&next[i..i + 1]).unwrap();
+                    assert_bits_equal(&got[i], &want, &format!("{what} step {step} session {i}"));
+                    assert_eq!(together[i].tokens(), s.tokens(), "{what}");
+                }
+            }
+        }
+    }
 }

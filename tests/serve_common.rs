@@ -11,6 +11,7 @@ pub use std::io::{BufRead, BufReader, Read, Write};
 pub use std::net::{SocketAddr, TcpStream};
 pub use std::time::{Duration, Instant};
 
+/// The served model; `BITNETC_SERVE_MODEL` names another (for the throughput benchmark).
 pub const MODEL: &str = "tiny/bitnetcpp-tiny-i2_s.gguf";
 pub const CONTEXT: usize = 64;
 /// For requests that must still be generating while others come: thousands of tokens.
@@ -18,7 +19,7 @@ pub const LONG: usize = 4096;
 
 pub fn engine_with(context: usize) -> Engine {
     Engine::load(
-        fixture(MODEL),
+        std::env::var_os("BITNETC_SERVE_MODEL").map_or_else(|| fixture(MODEL), Into::into),
         LoadOptions {
             context: Some(context),
             ..LoadOptions::default()

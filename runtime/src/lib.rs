@@ -2,6 +2,7 @@
 //! sequence's KV cache and position and evaluates tokens through it (prefill with many tokens,
 //! decode with one). [`tokenizer`] turns text into tokens and back.
 
+pub mod batch;
 pub mod chat;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -200,7 +201,61 @@ impl Engine {
             history: spare.history,
             arena: spare.arena,
             id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            batcher: None,
         }
+    }
+
+    /// One decode step of several sessions of this engine: `tokens[i]` after what
+    /// `sessions[i]` holds. Returns each session's logits for its token. On the compiled
+    /// executor this is one step over all the tokens (the weights read once for all), and
+    /// every row is bit-identical to [`Session::eval_last`] of that token alone; the
+    /// interpreter and the GPU evaluate the sessions one after another.
+    pub fn decode_batch(
+        &self,
+        sessions: &mut [&mut Session<'_>],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        if sessions.len() != tokens.len() || sessions.iter().any(|s| !std::ptr::eq(s.engine, self))
+        {
+            return Err(RuntimeError::Exec(ExecError::Run(format!(
+                "a batched decode step takes one token for each session of this engine \
+                 ({} tokens, {} sessions)",
+                tokens.len(),
+                sessions.len()
+            ))));
+        }
+        let batched =
+            self.gpu.is_none() && sessions.len() > 1 && sessions.iter().all(|s| s.state.is_some());
+        let exec = match &self.exec {
+            Some(exec) if batched => exec,
+            _ => {
+                return sessions
+                    .iter_mut()
+                    .zip(tokens)
+                    .map(|(s, &t)| s.eval_last(&[t]))
+                    .collect();
+            }
+        };
+        let mut out = Vec::with_capacity(tokens.len());
+        let mut start = 0;
+        while start < sessions.len() {
+            let end = (start + exec.batch()).min(sessions.len());
+            for s in &sessions[start..end] {
+                s.check_room(1)?;
+            }
+            let mut states: Vec<&mut exec::State> = sessions[start..end]
+                .iter_mut()
+                .map(|s| s.state.as_mut().expect("checked above"))
+                .collect();
+            let mut rows = Vec::new();
+            exec.eval_batch(&mut states, &tokens[start..end], &mut rows)?;
+            for (i, s) in sessions[start..end].iter_mut().enumerate() {
+                s.history.push(tokens[start + i]);
+                out.push(rows[i * self.vocab..(i + 1) * self.vocab].to_vec());
+            }
+            start = end;
+        }
+        Ok(out)
     }
 
     fn fresh_session(&self) -> Session<'_> {
@@ -215,6 +270,7 @@ impl Engine {
             history: Vec::new(),
             arena: Vec::new(),
             id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            batcher: None,
         }
     }
 }
@@ -239,6 +295,8 @@ pub struct Session<'e> {
     /// This session's number (which session the GPU's cache holds).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     id: u64,
+    /// Where this session's decode steps meet other sessions' ([`Session::join`]).
+    batcher: Option<batch::Attached>,
 }
 
 impl Session<'_> {
@@ -302,6 +360,22 @@ impl Session<'_> {
         }
     }
 
+    /// Makes this session's one-token steps ([`Session::eval_last`] of one token, as
+    /// generation decodes) meet those of the other sessions joined to `batcher`, in one
+    /// batched step (bit-identical logits). Only a session of the compiled executor joins;
+    /// on the interpreter and the GPU this does nothing. It leaves when dropped or made spare.
+    pub fn join(&mut self, batcher: &Arc<batch::DecodeBatcher>) -> Result<(), RuntimeError> {
+        if !batcher.belongs_to(self.engine) {
+            return Err(RuntimeError::Exec(ExecError::Run(
+                "a session can only join a batcher of its own engine".into(),
+            )));
+        }
+        if self.engine.exec.is_some() && self.state.is_some() && self.engine.gpu.is_none() {
+            self.batcher = Some(batcher.attach());
+        }
+        Ok(())
+    }
+
     /// Evaluates `tokens` like [`Session::eval`] and returns the last token's logits only
     /// (the output projection runs for that token alone, as in generation).
     pub fn eval_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
@@ -310,6 +384,11 @@ impl Session<'_> {
         }
         if self.state.is_some() {
             self.check_room(tokens.len())?;
+        }
+        if let (Some(b), Some(exec), [token]) = (&self.batcher, &self.engine.exec, tokens) {
+            let out = b.0.decode(exec, &mut self.state, *token)?;
+            self.history.push(*token);
+            return Ok(out);
         }
         match (&self.engine.exec, &mut self.state) {
             (Some(exec), Some(state)) => {
