@@ -80,7 +80,12 @@ impl Answer {
 
 pub fn send(addr: SocketAddr, method: &str, path: &str, body: &str, headers: &[&str]) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // A request queued behind a big model's generations (BITNETC_SERVE_MODEL) waits long.
+    let wait = match std::env::var_os("BITNETC_SERVE_MODEL") {
+        Some(_) => 1800,
+        None => 60,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(wait))).unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
