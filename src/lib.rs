@@ -178,25 +178,27 @@ impl Model {
 /// Opens a model ready to run: a GGUF model (validated, lowered, optimized and bound to
 /// kernels chosen for this host) or a compiled plan ([`bplan`]).
 pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
-    let started = Instant::now();
-    let mut model = if bplan::is_plan(path) {
-        bplan::load(path, opts)?
-    } else {
-        load_gguf(path, opts)?
-    };
-    model.load_time = started.elapsed().saturating_sub(model.compile_time);
-    Ok(model)
+    timed(|| {
+        if bplan::is_plan(path) {
+            bplan::load(path, opts)
+        } else {
+            load_gguf_file(GgufFile::open(path)?, opts)
+        }
+    })
 }
 
-fn load_gguf(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
-    load_gguf_file(GgufFile::open(path)?, opts)
+/// Runs `load` and sets the model's load time: what it took, less binding to kernels.
+fn timed(load: impl FnOnce() -> Result<Model, Error>) -> Result<Model, Error> {
+    let started = Instant::now();
+    let mut model = load()?;
+    model.load_time = started.elapsed().saturating_sub(model.compile_time);
+    Ok(model)
 }
 
 /// The model built into bitnetc: a 2.9M-parameter BitNet b1.58 (I2_S) trained on Shakespeare's
 /// plays by `tools/train-tiny/train.py`; `models/README.md` is its model card.
 pub mod builtin {
     use super::{Error, GgufFile, LoadOptions, Model};
-    use std::time::Instant;
 
     /// The GGUF file, as shipped in `models/`.
     pub const GGUF: &[u8] = include_bytes!("../models/tiny-shakespeare.gguf");
@@ -211,10 +213,7 @@ pub mod builtin {
 
     /// Opens the built-in model ready to run, as [`crate::load`] opens a file.
     pub fn load(opts: LoadOptions) -> Result<Model, Error> {
-        let started = Instant::now();
-        let mut model = super::load_gguf_file(GgufFile::from_bytes(PATH, GGUF.to_vec())?, opts)?;
-        model.load_time = started.elapsed().saturating_sub(model.compile_time);
-        Ok(model)
+        super::timed(|| super::load_gguf_file(GgufFile::from_bytes(PATH, GGUF.to_vec())?, opts))
     }
 }
 

@@ -154,27 +154,20 @@ impl DecodeBatcher {
         let tokens: Vec<u32> = batch.iter().map(|p| p.token).collect();
         let mut states: Vec<State> = batch.into_iter().map(|p| p.state).collect();
         let mut out = Vec::new();
-        let mut result = Ok(());
-        for (states, tokens) in states
-            .chunks_mut(exec.batch())
-            .zip(tokens.chunks(exec.batch()))
-        {
-            let mut refs: Vec<&mut State> = states.iter_mut().collect();
-            let mut rows = Vec::new();
-            // A panic in a kernel must not leave the other threads waiting for ever.
-            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                exec.eval_batch(&mut refs, tokens, &mut rows)
-            }));
-            match step {
-                Ok(Ok(())) => out.extend(rows),
-                Ok(Err(e)) => result = Err(e.to_string()),
-                Err(_) => result = Err("a batched decode step panicked".into()),
-            }
-            if result.is_err() {
-                break;
-            }
-        }
-        self.steps.fetch_add(1, Ordering::Relaxed);
+        let mut refs: Vec<&mut State> = states.iter_mut().collect();
+        // A panic in a kernel must not leave the other threads waiting for ever.
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            exec.eval_batch(&mut refs, &tokens, &mut out)
+        }));
+        let result: Result<(), String> = match step {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("a batched decode step panicked".into()),
+        };
+        // Steps of the executor: one per `batch` sequences.
+        self.steps.fetch_add(
+            tokens.len().div_ceil(exec.batch()) as u64,
+            Ordering::Relaxed,
+        );
         self.tokens
             .fetch_add(tokens.len() as u64, Ordering::Relaxed);
         let vocab = exec.vocab();

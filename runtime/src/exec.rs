@@ -857,7 +857,7 @@ impl Executor {
     /// token-wise operation over all the tokens together (one pass over the weights) and each
     /// token's attention in its own KV cache; every float path that depends on a step's size
     /// follows the one-token step, so each row is bit-identical to evaluating that token alone
-    /// with [`Executor::eval`].
+    /// with [`Executor::eval`]. More sequences than a step holds take several steps.
     pub fn eval_batch(
         &self,
         states: &mut [&mut State],
@@ -869,12 +869,6 @@ impl Executor {
             return Err(ExecError::Run(format!(
                 "a batched step takes one token per sequence: {n} tokens for {} sequences",
                 states.len()
-            )));
-        }
-        if n > self.batch {
-            return Err(ExecError::Run(format!(
-                "{n} sequences in one step, more than the {} tokens a step holds",
-                self.batch
             )));
         }
         let capacity = states[0].capacity;
@@ -894,32 +888,35 @@ impl Executor {
             }
         }
         out.clear();
-        let ids: Vec<i32> = tokens
-            .iter()
-            .map(|&t| t.min(i32::MAX as u32) as i32)
-            .collect();
-        let pos: Vec<i32> = states.iter().map(|st| st.len as i32).collect();
-        let seq_of: Vec<usize> = (0..n).collect();
-        let mut caches: Vec<SeqCache> = states
-            .iter_mut()
-            .map(|st| std::mem::take(&mut st.cache))
-            .collect();
-        let r = self.step(
-            states[0],
-            &mut caches,
-            Some(&seq_of),
-            &ids,
-            &pos,
-            true,
-            Some(LogitRows::All),
-            out,
-        );
-        for (st, cache) in states.iter_mut().zip(caches) {
-            st.cache = cache;
-        }
-        r?;
-        for st in states.iter_mut() {
-            st.len += 1;
+        // More sequences than a step holds: one step per `batch` of them, rows appended.
+        for (states, tokens) in states.chunks_mut(self.batch).zip(tokens.chunks(self.batch)) {
+            let ids: Vec<i32> = tokens
+                .iter()
+                .map(|&t| t.min(i32::MAX as u32) as i32)
+                .collect();
+            let pos: Vec<i32> = states.iter().map(|st| st.len as i32).collect();
+            let seq_of: Vec<usize> = (0..tokens.len()).collect();
+            let mut caches: Vec<SeqCache> = states
+                .iter_mut()
+                .map(|st| std::mem::take(&mut st.cache))
+                .collect();
+            let r = self.step(
+                states[0],
+                &mut caches,
+                Some(&seq_of),
+                &ids,
+                &pos,
+                true,
+                Some(LogitRows::All),
+                out,
+            );
+            for (st, cache) in states.iter_mut().zip(caches) {
+                st.cache = cache;
+            }
+            r?;
+            for st in states.iter_mut() {
+                st.len += 1;
+            }
         }
         Ok(())
     }
@@ -1148,13 +1145,14 @@ impl Executor {
                 };
                 let row = l.g * l.d;
                 // One run of rows for one sequence (positions in a row), else a row per token.
-                let runs: Vec<(usize, usize, std::ops::Range<usize>)> = match seqs.seq_of {
-                    None => vec![(0, pos[0] as usize * row, 0..n)],
-                    Some(of) => (0..t)
-                        .map(|i| (of[i], pos[i] as usize * row, i * row..(i + 1) * row))
-                        .collect(),
-                };
-                for (seq, at, src) in runs {
+                let runs = if seqs.seq_of.is_some() { t } else { 1 };
+                for r in 0..runs {
+                    let (seq, first, count) = match seqs.seq_of {
+                        None => (0, 0, t),
+                        Some(of) => (of[r], r, 1),
+                    };
+                    let at = pos[first] as usize * row;
+                    let src = first * row..(first + count) * row;
                     let len = src.len();
                     match &mut caches[seq].kv[*layer] {
                         KvData::F16(kc, vc) => {
@@ -1583,12 +1581,12 @@ impl Executor {
         let row_len = g * d;
         // Values as f32, converted once per step and sequence (not once per query head and
         // token): the positions its last token sees.
-        let mut rows_of = vec![0usize; caches.len()];
-        for tok in 0..t {
-            let r = &mut rows_of[seqs.seq(tok)];
-            *r = (*r).max(seqs.pos[tok] as usize + 1);
-        }
-        for (cache, &rows) in caches.iter_mut().zip(&rows_of) {
+        for (c, cache) in caches.iter_mut().enumerate() {
+            let rows = (0..t)
+                .filter(|&tok| seqs.seq(tok) == c)
+                .map(|tok| seqs.pos[tok] as usize + 1)
+                .max()
+                .unwrap_or(0);
             let SeqCache { kv, v32 } = cache;
             if let KvData::F16(_, vc) = &kv[layer] {
                 let dst = Shared(v32.as_mut_ptr());

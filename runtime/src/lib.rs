@@ -184,7 +184,19 @@ impl Engine {
 
     /// A new, empty sequence.
     pub fn session(&self) -> Session<'_> {
-        self.fresh_session()
+        Session {
+            engine: self,
+            kv: KvCache::new(if self.exec.is_some() || self.gpu.is_some() {
+                0
+            } else {
+                self.context
+            }),
+            state: self.exec.as_ref().map(|e| e.state(self.context)),
+            history: Vec::new(),
+            arena: Vec::new(),
+            id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            batcher: None,
+        }
     }
 
     /// A new session in the memory of a finished one ([`Session::into_spare`]), so that a
@@ -192,7 +204,7 @@ impl Engine {
     /// of another engine is dropped and a fresh session made.
     pub fn session_from(&self, spare: SpareSession) -> Session<'_> {
         if spare.engine != self.id {
-            return self.fresh_session();
+            return self.session();
         }
         Session {
             engine: self,
@@ -224,10 +236,8 @@ impl Engine {
                 sessions.len()
             ))));
         }
-        let batched =
-            self.gpu.is_none() && sessions.len() > 1 && sessions.iter().all(|s| s.state.is_some());
         let exec = match &self.exec {
-            Some(exec) if batched => exec,
+            Some(exec) if sessions.len() > 1 => exec,
             _ => {
                 return sessions
                     .iter_mut()
@@ -236,42 +246,22 @@ impl Engine {
                     .collect();
             }
         };
+        for s in sessions.iter() {
+            s.check_room(1)?;
+        }
+        // A compiled engine's sessions all have an executor state.
+        let mut states: Vec<&mut exec::State> = sessions
+            .iter_mut()
+            .filter_map(|s| s.state.as_mut())
+            .collect();
+        let mut rows = Vec::new();
+        exec.eval_batch(&mut states, tokens, &mut rows)?;
         let mut out = Vec::with_capacity(tokens.len());
-        let mut start = 0;
-        while start < sessions.len() {
-            let end = (start + exec.batch()).min(sessions.len());
-            for s in &sessions[start..end] {
-                s.check_room(1)?;
-            }
-            let mut states: Vec<&mut exec::State> = sessions[start..end]
-                .iter_mut()
-                .map(|s| s.state.as_mut().expect("checked above"))
-                .collect();
-            let mut rows = Vec::new();
-            exec.eval_batch(&mut states, &tokens[start..end], &mut rows)?;
-            for (i, s) in sessions[start..end].iter_mut().enumerate() {
-                s.history.push(tokens[start + i]);
-                out.push(rows[i * self.vocab..(i + 1) * self.vocab].to_vec());
-            }
-            start = end;
+        for (i, s) in sessions.iter_mut().enumerate() {
+            s.history.push(tokens[i]);
+            out.push(rows[i * self.vocab..(i + 1) * self.vocab].to_vec());
         }
         Ok(out)
-    }
-
-    fn fresh_session(&self) -> Session<'_> {
-        Session {
-            engine: self,
-            kv: KvCache::new(if self.exec.is_some() || self.gpu.is_some() {
-                0
-            } else {
-                self.context
-            }),
-            state: self.exec.as_ref().map(|e| e.state(self.context)),
-            history: Vec::new(),
-            arena: Vec::new(),
-            id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            batcher: None,
-        }
     }
 }
 
@@ -370,7 +360,7 @@ impl Session<'_> {
                 "a session can only join a batcher of its own engine".into(),
             )));
         }
-        if self.engine.exec.is_some() && self.state.is_some() && self.engine.gpu.is_none() {
+        if self.engine.exec.is_some() {
             self.batcher = Some(batcher.attach());
         }
         Ok(())
