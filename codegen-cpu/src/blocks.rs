@@ -401,7 +401,7 @@ pub fn select(enc: Encoding, portable: bool) -> Option<(&'static str, BlockDotFn
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bitnetc_ir::interp::{MatmulActs, WeightRef, matmul_rows};
+    use bitnetc_ir::interp::{MatmulActs, RowScratch, WeightRef, matmul_rows};
     use bitnetc_ir::numerics::quantize_q8_x86;
     use bitnetc_ir::types::DotPath;
 
@@ -430,7 +430,17 @@ mod tests {
             };
             let acts = MatmulActs::new(&x, &w).unwrap();
             let mut want = vec![0.0f32; rows];
-            matmul_rows(&acts, &w, DotPath::F32, 0..rows, |_, r, v| want[r] = v).unwrap();
+            let mut scratch = RowScratch::default();
+            matmul_rows(
+                &acts,
+                &x,
+                &w,
+                DotPath::F32,
+                0..rows,
+                &mut scratch,
+                |_, r, v| want[r] = v,
+            )
+            .unwrap();
             let blocks = quantize_q8_x86(&x);
             let xq: Vec<i8> = blocks.iter().flat_map(|b| b.qs).collect();
             let xd: Vec<f32> = blocks.iter().map(|b| b.d).collect();

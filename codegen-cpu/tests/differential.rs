@@ -6,7 +6,7 @@ use bitnetc_codegen_cpu::blocks;
 use bitnetc_codegen_cpu::select::{KernelSet, TernaryKernel, ternary_candidates};
 use bitnetc_codegen_cpu::ternary::{RowsArgs, rows_scalar};
 use bitnetc_ir::encoding::Encoding;
-use bitnetc_ir::interp::{MatmulActs, WeightRef, matmul_rows};
+use bitnetc_ir::interp::{MatmulActs, RowScratch, WeightRef, matmul_rows};
 use bitnetc_ir::numerics::{self, quantize_q8_x86};
 use bitnetc_ir::types::DotPath;
 use proptest::prelude::*;
@@ -110,7 +110,11 @@ proptest! {
             let w = WeightRef { encoding: enc, shape: &shape, bytes: &bytes };
             let acts = MatmulActs::new(&x, &w).unwrap();
             let mut want = vec![0.0f32; rows];
-            matmul_rows(&acts, &w, DotPath::F32, 0..rows, |_, r, v| want[r] = v).unwrap();
+            let mut scratch = RowScratch::default();
+            matmul_rows(&acts, &x, &w, DotPath::F32, 0..rows, &mut scratch, |_, r, v| {
+                want[r] = v
+            })
+            .unwrap();
             for portable in [true, false] {
                 let (name, f) = blocks::select(enc, portable).unwrap();
                 let mut got = vec![0.0f32; rows];

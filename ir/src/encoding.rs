@@ -201,7 +201,9 @@ impl Encoding {
         let block = self.block_elems() as u64;
         let first_block = start / block;
         let last_block = end.div_ceil(block);
-        let mut buf = vec![0.0f32; block as usize];
+        // The largest block (QK_K) on the stack: decoding rows allocates nothing.
+        let mut block_buf = [0.0f32; QK_K];
+        let buf = &mut block_buf[..block as usize];
         let i2s_scale = if self == Encoding::I2S {
             i2s_scale(data, n)
         } else {
@@ -214,9 +216,9 @@ impl Encoding {
                 Encoding::F32 => buf[0] = f32::from_le_bytes(bytes.try_into().unwrap()),
                 Encoding::F16 => buf[0] = f16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
                 Encoding::BF16 => buf[0] = bf16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
-                Encoding::Q8_0 => decode_q8_0(bytes, &mut buf),
-                Encoding::Q4_0 => decode_q4_0(bytes, &mut buf),
-                Encoding::Q4_1 => decode_q4_1(bytes, &mut buf),
+                Encoding::Q8_0 => decode_q8_0(bytes, buf),
+                Encoding::Q4_0 => decode_q4_0(bytes, buf),
+                Encoding::Q4_1 => decode_q4_1(bytes, buf),
                 Encoding::TQ1_0 | Encoding::TQ2_0 | Encoding::I2S => {
                     let mut codes = [0u8; QK_K];
                     let codes = &mut codes[..block as usize];
@@ -514,6 +516,51 @@ impl Ternary {
     }
 }
 
+/// The codes (0..=2, unchecked) and per-block scales of whole TQ1_0/TQ2_0 blocks `data`.
+fn tq_blocks_codes(encoding: Encoding, data: &[u8], codes: &mut [u8], scales: &mut [f32]) {
+    let bb = encoding.block_bytes();
+    for ((chunk, c), scale) in data
+        .chunks_exact(bb)
+        .zip(codes.chunks_exact_mut(QK_K))
+        .zip(scales.iter_mut())
+    {
+        *scale = if encoding == Encoding::TQ2_0 {
+            tq2_0_block_codes(chunk, c)
+        } else {
+            tq1_0_block_codes(chunk, c)
+        };
+    }
+}
+
+/// The ternary values (−1, 0, 1) and per-block scales of one TQ1_0/TQ2_0 row of
+/// `values.len()` elements (a whole number of blocks), into buffers the caller reuses;
+/// an invalid code is an error naming its index in the row.
+pub fn tq_row_values(
+    encoding: Encoding,
+    data: &[u8],
+    codes: &mut [u8],
+    values: &mut [i32],
+    scales: &mut [f32],
+) -> Result<(), EncodingError> {
+    let n = values.len() as u64;
+    encoding.check_len(data, n)?;
+    if !matches!(encoding, Encoding::TQ1_0 | Encoding::TQ2_0) {
+        return Err(EncodingError::NotTernaryEncoding(encoding));
+    }
+    tq_blocks_codes(encoding, data, codes, scales);
+    for (i, (v, &c)) in values.iter_mut().zip(codes.iter()).enumerate() {
+        if c > 2 {
+            return Err(EncodingError::InvalidCode {
+                encoding,
+                index: i as u64,
+                code: c,
+            });
+        }
+        *v = c as i32 - 1;
+    }
+    Ok(())
+}
+
 /// Extracts the ternary codes and scales of a TQ1_0, TQ2_0 or I2_S tensor, checking every code.
 pub fn ternary_codes(encoding: Encoding, data: &[u8], n: u64) -> Result<Ternary, EncodingError> {
     encoding.check_len(data, n)?;
@@ -529,15 +576,8 @@ pub fn ternary_codes(encoding: Encoding, data: &[u8], n: u64) -> Result<Ternary,
             n
         }
         Encoding::TQ2_0 | Encoding::TQ1_0 => {
-            let bb = encoding.block_bytes();
-            for (b, chunk) in data.chunks_exact(bb).enumerate() {
-                let c = &mut codes[b * QK_K..(b + 1) * QK_K];
-                scales.push(if encoding == Encoding::TQ2_0 {
-                    tq2_0_block_codes(chunk, c)
-                } else {
-                    tq1_0_block_codes(chunk, c)
-                });
-            }
+            scales.resize(n / QK_K, 0.0);
+            tq_blocks_codes(encoding, data, &mut codes, &mut scales);
             QK_K
         }
         _ => return Err(EncodingError::NotTernaryEncoding(encoding)),
@@ -850,5 +890,141 @@ mod tests {
             repack_tq2_0_to_i2s(&tq2, 2048),
             Err(EncodingError::ScaleMismatch { block: 1, .. })
         ));
+    }
+
+    /// Builds a Q-format block by hand: the f16 fields as raw little-endian bits, then `rest`.
+    fn block(halves: &[u16], rest: &[u8]) -> Vec<u8> {
+        let mut b: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+        b.extend_from_slice(rest);
+        b
+    }
+
+    #[test]
+    fn bf16_decodes_exactly_from_hand_made_bytes() {
+        // BF16 is the high half of an f32: 0x3f80 = 1.0, 0xc0c0 = −6.0, 0x4049 = 3.140625,
+        // 0x8000 = −0.0, 0x0001 = 2^−133 (an f32 subnormal), 0x7f80 = +∞, 0x3f81 = 1 + 2^−7.
+        let bytes = [
+            0x80, 0x3f, 0xc0, 0xc0, 0x49, 0x40, 0x00, 0x80, 0x01, 0x00, 0x80, 0x7f, 0x81, 0x3f,
+        ];
+        let v = Encoding::BF16.decode(&bytes, 7).unwrap();
+        let expected = [
+            1.0,
+            -6.0,
+            3.140625,
+            -0.0,
+            f32::from_bits(0x0001_0000),
+            f32::INFINITY,
+            1.0078125,
+        ];
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&v), bits(&expected));
+        assert_eq!(expected[4], 2f32.powi(-133));
+        let mut part = [0.0f32; 2];
+        Encoding::BF16
+            .decode_range(&bytes, 7, 1, &mut part)
+            .unwrap();
+        assert_eq!(part, [-6.0, 3.140625]);
+    }
+
+    #[test]
+    fn q8_0_decodes_exactly_from_hand_made_bytes() {
+        // Block 0: d = 0.5 (f16 0x3800), q = i − 16 except q0 = −128 and q31 = 127.
+        let mut qs: Vec<u8> = (0..32).map(|i| (i as i8 - 16) as u8).collect();
+        qs[0] = 0x80;
+        qs[31] = 0x7f;
+        let mut bytes = block(&[0x3800], &qs);
+        // Block 1: d = 2^−24 (the smallest f16 subnormal, 0x0001), q = 3, −3, 0, 0, …
+        let mut qs1 = [0u8; 32];
+        qs1[0] = 3;
+        qs1[1] = (-3i8) as u8;
+        bytes.extend(block(&[0x0001], &qs1));
+        assert_eq!(bytes.len(), 68);
+        let v = Encoding::Q8_0.decode(&bytes, 64).unwrap();
+        assert_eq!(v[0], -64.0);
+        assert_eq!(v[1], -7.5);
+        assert_eq!(v[16], 0.0);
+        assert_eq!(v[17], 0.5);
+        assert_eq!(v[30], 7.0);
+        assert_eq!(v[31], 63.5);
+        for (i, &x) in v.iter().enumerate().take(31).skip(1) {
+            assert_eq!(x, (i as f32 - 16.0) * 0.5, "element {i}");
+        }
+        assert_eq!(v[32], 3.0 * 2f32.powi(-24));
+        assert_eq!(v[33], -3.0 * 2f32.powi(-24));
+        assert!(v[34..].iter().all(|&x| x == 0.0));
+        // A range across the block boundary.
+        let mut part = [0.0f32; 4];
+        Encoding::Q8_0
+            .decode_range(&bytes, 64, 30, &mut part)
+            .unwrap();
+        assert_eq!(
+            part,
+            [7.0, 63.5, 3.0 * 2f32.powi(-24), -3.0 * 2f32.powi(-24)]
+        );
+        // One byte short is refused, naming both lengths.
+        assert_eq!(
+            Encoding::Q8_0.decode(&bytes[..67], 64).unwrap_err(),
+            EncodingError::ByteLength {
+                encoding: Encoding::Q8_0,
+                n: 64,
+                expected: 68,
+                actual: 67
+            }
+        );
+    }
+
+    #[test]
+    fn q4_0_decodes_exactly_from_hand_made_bytes() {
+        // d = −2.0 (f16 0xc000); byte j holds element j in its low nibble (q = j) and element
+        // j + 16 in its high nibble (q = 15 − j); value = (q − 8)·d.
+        let qs: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+        let bytes = block(&[0xc000], &qs);
+        assert_eq!(bytes.len(), 18);
+        let v = Encoding::Q4_0.decode(&bytes, 32).unwrap();
+        let expected = [
+            16.0, 14.0, 12.0, 10.0, 8.0, 6.0, 4.0, 2.0, 0.0, -2.0, -4.0, -6.0, -8.0, -10.0, -12.0,
+            -14.0, // low nibbles
+            -14.0, -12.0, -10.0, -8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0,
+            16.0, // high nibbles
+        ];
+        assert_eq!(v, expected);
+        // Elements 15 and 16: the low nibble of byte 15 and the high nibble of byte 0.
+        let mut part = [0.0f32; 2];
+        Encoding::Q4_0
+            .decode_range(&bytes, 32, 15, &mut part)
+            .unwrap();
+        assert_eq!(part, [-14.0, -14.0]);
+    }
+
+    #[test]
+    fn q4_1_decodes_exactly_from_hand_made_bytes() {
+        // d = 0.5 (f16 0x3800), m = −1.0 (f16 0xbc00); value = q·d + m.
+        let qs: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+        let mut bytes = block(&[0x3800, 0xbc00], &qs);
+        // A second block: d = 0, m = 0.25 (0x3400): every value is m whatever the codes.
+        bytes.extend(block(&[0x0000, 0x3400], &[0xa5; 16]));
+        assert_eq!(bytes.len(), 40);
+        let v = Encoding::Q4_1.decode(&bytes, 64).unwrap();
+        let expected = [
+            -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 6.5,
+            6.0, 5.5, 5.0, 4.5, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0,
+        ];
+        assert_eq!(v[..32], expected);
+        assert!(v[32..].iter().all(|&x| x == 0.25));
+        let mut part = [0.0f32; 3];
+        Encoding::Q4_1
+            .decode_range(&bytes, 64, 31, &mut part)
+            .unwrap();
+        assert_eq!(part, [-1.0, 0.25, 0.25]);
+        assert_eq!(
+            Encoding::Q4_1
+                .decode_range(&bytes, 64, 62, &mut part)
+                .unwrap_err(),
+            EncodingError::Range {
+                start: 62,
+                end: 65,
+                n: 64
+            }
+        );
     }
 }

@@ -867,19 +867,23 @@ fn tmatmul_part(q: &[i8], s: &[f32], w: &WeightRef<'_>) -> Result<Vec<f32>, Stri
 /// `a·b` where `b` holds half-precision values (widened to f32) and `a` is an f32 operand,
 /// evaluated along `path`; `round` rounds `a` to the half type.
 pub fn half_dot(path: DotPath, round: fn(f32) -> f32, a: &[f32], b: &[f32]) -> f32 {
-    let rounded = || a.iter().map(|&v| round(v)).collect::<Vec<f32>>();
+    if path == DotPath::F32 {
+        return numerics::dot_f64(a, b);
+    }
+    let rounded: Vec<f32> = a.iter().map(|&v| round(v)).collect();
+    half_dot_prepared(path, a, &rounded, b)
+}
+
+/// [`half_dot`] with `a` also given already rounded to the half type (`a_rounded`).
+fn half_dot_prepared(path: DotPath, a: &[f32], a_rounded: &[f32], b: &[f32]) -> f32 {
     match path {
         DotPath::F32 => numerics::dot_f64(a, b),
         // tinyBLAS takes rows whose length is a multiple of its 16 lanes; ggml falls back to
         // its GEMV otherwise.
         DotPath::Gemm { round: r } if a.len().is_multiple_of(16) => {
-            if r {
-                numerics::dot_tinyblas16(&rounded(), b)
-            } else {
-                numerics::dot_tinyblas16(a, b)
-            }
+            numerics::dot_tinyblas16(if r { a_rounded } else { a }, b)
         }
-        DotPath::Gemv | DotPath::Gemm { .. } => numerics::dot_ggml_vec_f16(&rounded(), b),
+        DotPath::Gemv | DotPath::Gemm { .. } => numerics::dot_ggml_vec_f16(a_rounded, b),
     }
 }
 
@@ -889,22 +893,38 @@ fn matmul_part(x: &[f32], w: &WeightRef<'_>, path: DotPath) -> Result<Vec<f32>, 
     let t = x.len() / (w.shape[1] as usize).max(1);
     let acts = MatmulActs::new(x, w)?;
     let mut y = vec![0.0f32; t * n];
-    matmul_rows(&acts, w, path, 0..n, |tok, r, v| y[tok * n + r] = v)?;
+    let mut scratch = RowScratch::default();
+    matmul_rows(&acts, x, w, path, 0..n, &mut scratch, |tok, r, v| {
+        y[tok * n + r] = v
+    })?;
     Ok(y)
 }
 
-/// The activations of a matmul in the form the weight's encoding multiplies them in: f32,
-/// or quantized per block as llama.cpp does for Q and TQ weights. Computed once per step.
-pub struct MatmulActs<'x> {
-    x: &'x [f32],
+/// The activations `x` (`T` rows of `K`) of a matmul in the form the weight's encoding
+/// multiplies them in: quantized per block as llama.cpp does for Q and TQ weights, rounded to
+/// the half type for F16/BF16 weights. Computed once per step; [`MatmulActs::prepare`] reuses
+/// the buffers.
+#[derive(Debug, Default)]
+pub struct MatmulActs {
     k: usize,
-    q8: Vec<Vec<numerics::Q8Block>>,
-    q8k: Vec<Vec<numerics::Q8KBlock>>,
+    /// `T × K/32` blocks (Q8_0/Q4_0/Q4_1 weights).
+    q8: Vec<numerics::Q8Block>,
+    /// `T × K/256` blocks (TQ1_0/TQ2_0 weights).
+    q8k: Vec<numerics::Q8KBlock>,
+    /// `x` rounded to f16 or bf16 (F16/BF16 weights).
+    rounded: Vec<f32>,
 }
 
-impl<'x> MatmulActs<'x> {
-    /// Prepares `x` (`T` rows of `K`) for weight `w`, checking the weight's size.
-    pub fn new(x: &'x [f32], w: &WeightRef<'_>) -> Result<MatmulActs<'x>, String> {
+impl MatmulActs {
+    /// Prepares `x` for weight `w`, checking the weight's size.
+    pub fn new(x: &[f32], w: &WeightRef<'_>) -> Result<MatmulActs, String> {
+        let mut acts = MatmulActs::default();
+        acts.prepare(x, w)?;
+        Ok(acts)
+    }
+
+    /// [`MatmulActs::new`] into this value's buffers (which only grow).
+    pub fn prepare(&mut self, x: &[f32], w: &WeightRef<'_>) -> Result<(), String> {
         let (n, k) = (w.shape[0] as usize, w.shape[1] as usize);
         let enc = w.encoding;
         let block = enc.block_elems();
@@ -921,53 +941,80 @@ impl<'x> MatmulActs<'x> {
                 n * row_bytes
             ));
         }
-        let (mut q8, mut q8k) = (Vec::new(), Vec::new());
+        self.k = k;
+        self.q8.clear();
+        self.q8k.clear();
+        self.rounded.clear();
         match enc {
             Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1 => {
-                q8 = x.chunks_exact(k).map(numerics::quantize_q8_x86).collect();
+                for row in x.chunks_exact(k) {
+                    numerics::quantize_q8_x86_into(row, &mut self.q8);
+                }
             }
             Encoding::TQ1_0 | Encoding::TQ2_0 => {
-                q8k = x.chunks_exact(k).map(numerics::quantize_q8_k).collect();
+                for row in x.chunks_exact(k) {
+                    numerics::quantize_q8_k_into(row, &mut self.q8k);
+                }
             }
             Encoding::I2S => return Err("i2_s weights go through quant_act and tmatmul".into()),
-            Encoding::F32 | Encoding::F16 | Encoding::BF16 => {}
+            Encoding::F16 => self
+                .rounded
+                .extend(x.iter().map(|&v| numerics::round_f16(v))),
+            Encoding::BF16 => self
+                .rounded
+                .extend(x.iter().map(|&v| numerics::round_bf16(v))),
+            Encoding::F32 => {}
         }
-        Ok(MatmulActs { x, k, q8, q8k })
+        Ok(())
     }
 }
 
-/// Rows `rows` of a matmul with the numerics of the weight's encoding (`path` applies to
-/// f16/bf16 weights), each result given to `emit(token, row, value)`. `acts` must have been
-/// prepared for this weight.
+/// Per-thread buffers of [`matmul_rows`] (one decoded weight row), which only grow.
+#[derive(Debug, Default)]
+pub struct RowScratch {
+    row: Vec<f32>,
+    codes: Vec<u8>,
+    values: Vec<i32>,
+    scales: Vec<f32>,
+}
+
+/// Rows `rows` of a matmul of `x` with the numerics of the weight's encoding (`path` applies
+/// to f16/bf16 weights), each result given to `emit(token, row, value)`. `acts` must have
+/// been prepared for this `x` and weight.
 pub fn matmul_rows(
-    acts: &MatmulActs<'_>,
+    acts: &MatmulActs,
+    x: &[f32],
     w: &WeightRef<'_>,
     path: DotPath,
     rows: std::ops::Range<usize>,
+    scratch: &mut RowScratch,
     mut emit: impl FnMut(usize, usize, f32),
 ) -> Result<(), String> {
-    let (x, k) = (acts.x, acts.k);
+    let k = acts.k;
     let t = x.len() / k;
     let enc = w.encoding;
     let row_bytes = (k / enc.block_elems()) * enc.block_bytes();
     let row = |r: usize| &w.bytes[r * row_bytes..(r + 1) * row_bytes];
     match enc {
         Encoding::F32 | Encoding::F16 | Encoding::BF16 => {
-            let (round, path): (fn(f32) -> f32, DotPath) = match enc {
-                Encoding::F16 => (numerics::round_f16, path),
-                Encoding::BF16 => (numerics::round_bf16, path),
-                _ => (|v| v, DotPath::F32),
+            let path = if enc == Encoding::F32 {
+                DotPath::F32
+            } else {
+                path
             };
-            let mut wr = vec![0.0f32; k];
+            scratch.row.resize(k, 0.0);
+            let wr = &mut scratch.row[..k];
             for r in rows {
-                enc.decode_range(row(r), k as u64, 0, &mut wr)
+                enc.decode_range(row(r), k as u64, 0, wr)
                     .map_err(|e| e.to_string())?;
                 for tok in 0..t {
-                    emit(
-                        tok,
-                        r,
-                        half_dot(path, round, &x[tok * k..(tok + 1) * k], &wr),
-                    );
+                    let a = &x[tok * k..(tok + 1) * k];
+                    let a_rounded = if enc == Encoding::F32 {
+                        a
+                    } else {
+                        &acts.rounded[tok * k..(tok + 1) * k]
+                    };
+                    emit(tok, r, half_dot_prepared(path, a, a_rounded, wr));
                 }
             }
         }
@@ -975,7 +1022,7 @@ pub fn matmul_rows(
             let bb = enc.block_bytes();
             for r in rows {
                 let wrow = row(r);
-                for (tok, a) in acts.q8.iter().enumerate() {
+                for (tok, a) in acts.q8.chunks_exact(k / 32).enumerate() {
                     let mut lanes = Lanes8::default();
                     let mut summs = 0.0f32;
                     for (b, ab) in a.iter().enumerate() {
@@ -1010,19 +1057,24 @@ pub fn matmul_rows(
             }
         }
         Encoding::TQ1_0 | Encoding::TQ2_0 => {
-            let mut codes = vec![0i32; k];
+            scratch.codes.resize(k, 0);
+            scratch.values.resize(k, 0);
+            scratch.scales.resize(k / QK_K, 0.0);
+            let RowScratch {
+                codes,
+                values,
+                scales,
+                ..
+            } = scratch;
             for r in rows {
-                let t8 = crate::encoding::ternary_codes(enc, row(r), k as u64)
-                    .map_err(|e| e.to_string())?;
-                for (c, &code) in codes.iter_mut().zip(&t8.codes) {
-                    *c = code as i32 - 1;
-                }
-                for (tok, a) in acts.q8k.iter().enumerate() {
+                crate::encoding::tq_row_values(enc, row(r), codes, values, scales)
+                    .map_err(|e| format!("row {r}: {e}"))?;
+                for (tok, a) in acts.q8k.chunks_exact(k / QK_K).enumerate() {
                     let mut sum = 0.0f32;
                     for (b, ab) in a.iter().enumerate() {
-                        let c = &codes[b * QK_K..(b + 1) * QK_K];
+                        let c = &values[b * QK_K..(b + 1) * QK_K];
                         let sumi: i32 = c.iter().zip(&ab.qs).map(|(&c, &q)| c * q as i32).sum();
-                        sum += (ab.d * t8.scales[b]) * sumi as f32;
+                        sum += (ab.d * scales[b]) * sumi as f32;
                     }
                     emit(tok, r, sum);
                 }

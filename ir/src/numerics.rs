@@ -63,17 +63,22 @@ pub struct Q8Block {
 /// llama.cpp's x86 activation quantization for Q8_0 and Q8_1 (`quantize_row_q8_0/1`, AVX2
 /// path): `d = amax/127` stored as f16, `q = round_half_even(x · (127/amax))`.
 pub fn quantize_q8_x86(x: &[f32]) -> Vec<Q8Block> {
-    x.chunks_exact(32)
-        .map(|b| {
-            let mut block = Q8Block {
-                d: 0.0,
-                s: 0.0,
-                qs: [0; 32],
-            };
-            (block.d, block.s) = quantize_q8_block(b, &mut block.qs);
-            block
-        })
-        .collect()
+    let mut out = Vec::with_capacity(x.len() / 32);
+    quantize_q8_x86_into(x, &mut out);
+    out
+}
+
+/// [`quantize_q8_x86`], appending the blocks to `out`.
+pub fn quantize_q8_x86_into(x: &[f32], out: &mut Vec<Q8Block>) {
+    out.extend(x.chunks_exact(32).map(|b| {
+        let mut block = Q8Block {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; 32],
+        };
+        (block.d, block.s) = quantize_q8_block(b, &mut block.qs);
+        block
+    }));
 }
 
 /// One 32-element block of [`quantize_q8_x86`]: fills `qs`, returns `(d, s)`.
@@ -94,36 +99,38 @@ pub fn quantize_q8_block(b: &[f32], qs: &mut [i8]) -> (f32, f32) {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Q8KBlock {
     pub d: f32,
-    pub qs: Vec<i8>,
+    pub qs: [i8; 256],
 }
 
 pub fn quantize_q8_k(x: &[f32]) -> Vec<Q8KBlock> {
-    x.chunks_exact(256)
-        .map(|b| {
-            let (mut amax, mut max) = (0.0f32, 0.0f32);
-            for &v in b {
-                if v.abs() > amax {
-                    amax = v.abs();
-                    max = v;
-                }
+    let mut out = Vec::with_capacity(x.len() / 256);
+    quantize_q8_k_into(x, &mut out);
+    out
+}
+
+/// [`quantize_q8_k`], appending the blocks to `out`.
+pub fn quantize_q8_k_into(x: &[f32], out: &mut Vec<Q8KBlock>) {
+    out.extend(x.chunks_exact(256).map(|b| {
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in b {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
             }
-            if amax == 0.0 {
-                return Q8KBlock {
-                    d: 0.0,
-                    qs: vec![0; 256],
-                };
-            }
+        }
+        let mut block = Q8KBlock {
+            d: 0.0,
+            qs: [0; 256],
+        };
+        if amax != 0.0 {
             let iscale = -127.0f32 / max;
-            let qs = b
-                .iter()
-                .map(|&v| nearest_int(iscale * v).min(127) as i8)
-                .collect();
-            Q8KBlock {
-                d: 1.0 / iscale,
-                qs,
+            for (q, &v) in block.qs.iter_mut().zip(b) {
+                *q = nearest_int(iscale * v).min(127) as i8;
             }
-        })
-        .collect()
+            block.d = 1.0 / iscale;
+        }
+        block
+    }));
 }
 
 /// ggml's AVX2 block-dot accumulation: eight f32 lanes, lane `l` holding the integer sum of

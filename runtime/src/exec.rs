@@ -14,7 +14,9 @@ use bitnetc_codegen_cpu::lut;
 use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary, fixed_ternary};
 use bitnetc_codegen_cpu::ternary::RowsArgs;
 use bitnetc_ir::encoding::{Encoding, i2s_scale};
-use bitnetc_ir::interp::{MatmulActs, WeightRef, WeightSource, fetch_weight, matmul_rows};
+use bitnetc_ir::interp::{
+    MatmulActs, RowScratch, WeightRef, WeightSource, fetch_weight, matmul_rows,
+};
 use bitnetc_ir::numerics;
 use bitnetc_ir::op::Op;
 use bitnetc_ir::plan::{BufferId, Plan, Storage};
@@ -355,6 +357,8 @@ struct Local {
     acc64: Vec<f64>,
     row: Vec<f32>,
     qh: Vec<f32>,
+    /// The generic matmul's decoded weight row.
+    matmul: RowScratch,
 }
 
 /// A 64-byte-aligned, zero-initialized byte buffer (lazily backed by the OS when large).
@@ -449,6 +453,11 @@ pub struct State {
     rope: Vec<RopeTable>,
     rope_valid: Vec<bool>,
     locals: Vec<Mutex<Local>>,
+    /// The generic matmul's prepared activations, one per part of a linear step.
+    generic: Vec<MatmulActs>,
+    /// A step's token ids and positions (`batch` of each, reused by every step).
+    ids: Vec<i32>,
+    pos: Vec<i32>,
     cache: SeqCache,
     capacity: usize,
     len: usize,
@@ -759,9 +768,13 @@ impl Executor {
                         acc64: Vec::new(),
                         row: vec![0.0; self.max_k.max(self.max_rope)],
                         qh: vec![0.0; self.max_k.max(self.max_rope)],
+                        matmul: RowScratch::default(),
                     })
                 })
                 .collect(),
+            generic: Vec::new(),
+            ids: Vec::with_capacity(t),
+            pos: Vec::with_capacity(t),
             cache: SeqCache {
                 kv,
                 v32: vec![
@@ -830,8 +843,10 @@ impl Executor {
             )));
         }
         out.clear();
-        let mut ids = Vec::new();
-        let mut pos = Vec::new();
+        let (mut ids, mut pos) = (
+            std::mem::take(&mut state.ids),
+            std::mem::take(&mut state.pos),
+        );
         for (c, chunk) in tokens.chunks(self.batch).enumerate() {
             let last_chunk = (c + 1) * self.batch >= tokens.len();
             ids.clear();
@@ -846,9 +861,13 @@ impl Executor {
             let mut caches = [std::mem::take(&mut state.cache)];
             let r = self.step(state, &mut caches, None, &ids, &pos, false, want, out);
             state.cache = std::mem::take(&mut caches[0]);
-            r?;
+            if r.is_err() {
+                (state.ids, state.pos) = (ids, pos);
+                return r;
+            }
             state.len += chunk.len();
         }
+        (state.ids, state.pos) = (ids, pos);
         Ok(())
     }
 
@@ -1332,21 +1351,20 @@ impl Executor {
             .residual
             .map(|r| unsafe { (base.add(t * r.off) as *const f32).add(first * r.row) });
         let residual = residual.map(|r| Shared(r as *mut f32));
-        let generic_acts =
-            match &l.weights {
-                Weights::Generic { parts, .. } => {
-                    let x = unsafe { std::slice::from_raw_parts(x_ptr, tn * k) };
-                    let mut acts = Vec::new();
-                    for part in parts {
-                        let w = part.weight_ref();
-                        acts.push(MatmulActs::new(x, &w).map_err(|m| {
-                            ExecError::Run(format!("{}: {m}", self.labels[index].0))
-                        })?);
-                    }
-                    acts
+        // The generic matmul's activations, in the state's reusable buffers.
+        let mut generic_acts = std::mem::take(&mut st.generic);
+        if let Weights::Generic { parts, .. } = &l.weights {
+            let x = unsafe { std::slice::from_raw_parts(x_ptr, tn * k) };
+            if generic_acts.len() < parts.len() {
+                generic_acts.resize_with(parts.len(), MatmulActs::default);
+            }
+            for (acts, part) in generic_acts.iter_mut().zip(parts) {
+                if let Err(m) = acts.prepare(x, &part.weight_ref()) {
+                    st.generic = generic_acts;
+                    return Err(ExecError::Run(format!("{}: {m}", self.labels[index].0)));
                 }
-                _ => Vec::new(),
-            };
+            }
+        }
         let failure: Mutex<Option<String>> = Mutex::new(None);
         let prepared = Prepared {
             x: x_ptr,
@@ -1362,13 +1380,20 @@ impl Executor {
         let locals = &st.locals;
         let job = |w: usize, nw: usize| {
             let mut local = locals[w].lock().unwrap_or_else(|e| e.into_inner());
-            let Local { sums, y, y2, .. } = &mut *local;
+            let Local {
+                sums,
+                y,
+                y2,
+                matmul,
+                ..
+            } = &mut *local;
             let range = split(half_rows, w, nw, 16);
             let mut r = range.start;
             while r < range.end {
                 let c = (range.end - r).min(CHUNK);
                 let mut produce = |row0: usize, into: &mut [f32]| -> Result<(), String> {
-                    self.rows_f32(l, row0, c, tn, k, prepared, &generic_acts, sums, into)
+                    let scratch = (sums.as_mut_slice(), &mut *matmul);
+                    self.rows_f32(l, row0, c, tn, k, prepared, &generic_acts, scratch, into)
                 };
                 if let Err(e) = produce(r, y) {
                     *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
@@ -1398,6 +1423,7 @@ impl Executor {
         } else {
             job(0, 1);
         }
+        st.generic = generic_acts;
         match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
             Some(m) => Err(ExecError::Run(format!("{}: {m}", self.labels[index].0))),
             None => Ok(()),
@@ -1415,8 +1441,8 @@ impl Executor {
         tn: usize,
         k: usize,
         p: Prepared,
-        generic_acts: &[MatmulActs<'_>],
-        sums: &mut [i32],
+        generic_acts: &[MatmulActs],
+        (sums, matmul): (&mut [i32], &mut RowScratch),
         into: &mut [f32],
     ) -> Result<(), String> {
         match &l.weights {
@@ -1529,11 +1555,15 @@ impl Executor {
                     c,
                     |pi, local, n, col| {
                         let w = parts[pi].weight_ref();
+                        // SAFETY: x holds tn rows of k.
+                        let x = unsafe { std::slice::from_raw_parts(p.x, tn * k) };
                         let res = matmul_rows(
                             &generic_acts[pi],
+                            x,
                             &w,
                             path,
                             local..local + n,
+                            matmul,
                             |tok, r, v| {
                                 into[tok * c + col + r - local] = v;
                             },
