@@ -5,7 +5,7 @@
 use bitnetc::codegen::select::KernelSet;
 use bitnetc::runtime::exec::ExecOptions;
 use bitnetc::{Backend, LoadOptions, Model, load};
-use bitnetc_tests::{TINY_MODELS, fixture, shared_fixture};
+use bitnetc_tests::{TINY_MODELS, assert_bits_equal, fixture, shared_fixture};
 use std::path::Path;
 
 fn open(path: &Path, backend: Backend, context: usize) -> Model {
@@ -55,16 +55,6 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
             ((s >> 33) % vocab as u64) as u32
         })
         .collect()
-}
-
-fn assert_bits_equal(ours: &[f32], reference: &[f32], what: &str) {
-    assert_eq!(ours.len(), reference.len(), "{what}: lengths");
-    if let Some(i) = (0..ours.len()).find(|&i| ours[i].to_bits() != reference[i].to_bits()) {
-        panic!(
-            "{what}: logit {i} is {} where the interpreter gives {}",
-            ours[i], reference[i]
-        );
-    }
 }
 
 /// Step patterns: one prefill; decode; prefill then decode (past 64 positions, where

@@ -7,7 +7,7 @@ use bitnetc::ir::text::{parse, print};
 use bitnetc::ir::types::{DType, Dim};
 use bitnetc::ir::verify::verify;
 use bitnetc::passes::fuse::RepackTarget;
-use bitnetc::passes::{PassConfig, PassManager};
+use bitnetc::passes::{PassConfig, PassManager, memory};
 use bitnetc_tests::repo_root;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +69,39 @@ fn pass_filetests() {
                 .run(&mut g, |_| {})
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             insta::assert_snapshot!(name, print(&g).unwrap());
+        }
+    });
+}
+
+/// Memory planning of the graphs in `tests/passes/memory/`: the plan's steps with each
+/// buffer's arena offset, the arena size and the most buffers alive at once, snapshotted;
+/// the plan's own check (no two live buffers overlap) passes.
+#[test]
+fn memory_plans() {
+    let dir = repo_root().join("tests/passes/memory");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ir"))
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "no memory-plan filetests in {}",
+        dir.display()
+    );
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(dir.join("snapshots"));
+    settings.set_prepend_module_to_snapshot(false);
+    settings.bind(|| {
+        for file in files {
+            let name = file.file_stem().unwrap().to_string_lossy().to_string();
+            let g = parse(&std::fs::read_to_string(&file).unwrap())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            verify(&g).unwrap_or_else(|e| panic!("{name}: input does not verify: {e}"));
+            let (plan, stats) = memory::plan(&g).unwrap_or_else(|e| panic!("{name}: {e}"));
+            memory::check(&plan).unwrap_or_else(|e| panic!("{name}: {e}"));
+            insta::assert_snapshot!(name, memory::describe(&plan, &stats));
         }
     });
 }

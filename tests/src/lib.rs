@@ -22,14 +22,32 @@ pub fn fixture(rel: &str) -> PathBuf {
 }
 
 /// A file under the shared fixture folder `../shared/fixtures/` beside the repository, or
-/// `None` (after saying so loudly on stderr) when it is not there.
+/// `None` (after saying so loudly on stderr) when it is not there. With
+/// `BITNETC_REQUIRE_SHARED_FIXTURES=1` (as CI sets it) a missing file fails the test instead.
 pub fn shared_fixture(rel: &str) -> Option<PathBuf> {
     let p = repo_root().join("../shared/fixtures").join(rel);
     if p.exists() {
         Some(p)
+    } else if std::env::var_os("BITNETC_REQUIRE_SHARED_FIXTURES").is_some_and(|v| v == "1") {
+        panic!(
+            "shared fixture {} is not present (BITNETC_REQUIRE_SHARED_FIXTURES=1)",
+            p.display()
+        );
     } else {
         eprintln!("SKIPPING: shared fixture {} is not present", p.display());
         None
+    }
+}
+
+/// Fails unless `ours` and `reference` are the same floats bit for bit (so `-0.0` differs
+/// from `0.0`), naming `what` and the first logit that differs.
+pub fn assert_bits_equal(ours: &[f32], reference: &[f32], what: &str) {
+    assert_eq!(ours.len(), reference.len(), "{what}: lengths");
+    if let Some(i) = (0..ours.len()).find(|&i| ours[i].to_bits() != reference[i].to_bits()) {
+        panic!(
+            "{what}: logit {i} is {} where the reference gives {}",
+            ours[i], reference[i]
+        );
     }
 }
 
