@@ -1,18 +1,42 @@
-//! Logits of the reference interpreter against the engines that wrote each fixture: bitnet.cpp
-//! for its I2_S and F32 files, llama.cpp for its F16/TQ2_0/TQ1_0 files and SmolLM2.
+//! Logits against the engines that wrote each fixture (bitnet.cpp for its I2_S and F32
+//! files, llama.cpp for its F16/TQ2_0/TQ1_0 files and SmolLM2), from the reference
+//! interpreter on the lowered graph and from the compiled kernels on the fused plan.
 
 use bitnetc::npy;
-use bitnetc::{LoadOptions, load};
+use bitnetc::runtime::exec::ExecOptions;
+use bitnetc::{Backend, LoadOptions, load};
 use bitnetc_tests::{compare, fixture, shared_fixture};
 use std::path::Path;
 
+/// The two ways to run a model: the interpreter on the graph as lowered (no pass), and the
+/// compiled kernels on the default pipeline's plan.
+fn engines() -> [(&'static str, LoadOptions); 2] {
+    [
+        (
+            "interpreter",
+            LoadOptions {
+                backend: Backend::Interpreter,
+                passes: Some(Vec::new()),
+                ..LoadOptions::default()
+            },
+        ),
+        (
+            "compiled",
+            LoadOptions {
+                backend: Backend::Compiled(ExecOptions::default()),
+                ..LoadOptions::default()
+            },
+        ),
+    ]
+}
+
 /// Evaluates `tokens` in one step (`batch`) or one token per step (`seq`).
-fn logits(model: &Path, tokens: &[u32], batch: bool) -> (Vec<f32>, usize) {
+fn logits(model: &Path, options: LoadOptions, tokens: &[u32], batch: bool) -> (Vec<f32>, usize) {
     let m = load(
         model,
         LoadOptions {
             context: Some(tokens.len()),
-            ..LoadOptions::default()
+            ..options
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -36,12 +60,18 @@ fn tiny_tokens() -> Vec<u32> {
         .collect()
 }
 
-/// Checks one tiny model in one mode against its engine's reference; `bound` is the largest
-/// difference this interpreter reaches there (well under the 0.35 the references allow).
+/// Checks one tiny model in both modes, on both engines, against its engine's reference;
+/// `bound` is the largest difference reached there (well under the 0.35 the references allow).
 fn check_tiny(model: &str, reference: &str, bound: f32) {
     let tokens = tiny_tokens();
-    for (mode, batch) in [("batch", true), ("seq", false)] {
-        let (ours, vocab) = logits(&fixture(&format!("tiny/{model}")), &tokens, batch);
+    let path = fixture(&format!("tiny/{model}"));
+    let runs = engines().into_iter().flat_map(|(engine, options)| {
+        [("batch", true), ("seq", false)]
+            .map(|(mode, batch)| (engine, options.clone(), mode, batch))
+    });
+    for (engine, options, mode, batch) in runs {
+        let (ours, vocab) = logits(&path, options, &tokens, batch);
+        let model = &format!("{model} ({engine})");
         let r = npy::read_f32(&fixture(&format!("tiny/ref/{reference}.{mode}.npy"))).unwrap();
         assert_eq!(r.shape, vec![tokens.len(), vocab]);
         let c = compare(&ours, &r.data, vocab);
@@ -111,13 +141,25 @@ fn check_smollm2(prompt: &str, tokens: &[u32], batch: bool, references: &[&str],
     let Some(model) = shared_fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
     };
-    let (ours, vocab) = logits(&model, tokens, batch);
+    for (engine, options) in engines() {
+        let (ours, vocab) = logits(&model, options, tokens, batch);
+        check_smollm2_engine(
+            &format!("{prompt} ({engine})"),
+            &ours,
+            vocab,
+            references,
+            bound,
+        );
+    }
+}
+
+fn check_smollm2_engine(prompt: &str, ours: &[f32], vocab: usize, references: &[&str], bound: f32) {
     for reference in references {
         let Some(path) = shared_fixture(&format!("smollm2/{reference}")) else {
             return;
         };
         let r = npy::read_f32(&path).unwrap();
-        let c = compare(&ours, &r.data, vocab);
+        let c = compare(ours, &r.data, vocab);
         eprintln!(
             "{prompt} vs {reference}: max {:.3e} per position {:?}, argmax mismatches {:?}",
             c.max(),

@@ -265,6 +265,11 @@ fn smollm2() -> Option<PathBuf> {
         .join("../shared/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.exists() {
         Some(p)
+    } else if std::env::var_os("BITNETC_REQUIRE_SHARED_FIXTURES").is_some_and(|v| v == "1") {
+        panic!(
+            "{} is not present (BITNETC_REQUIRE_SHARED_FIXTURES=1)",
+            p.display()
+        );
     } else {
         eprintln!("SKIPPING: {} is not present", p.display());
         None
@@ -463,11 +468,39 @@ fn compile_runs_named_passes_and_prints_stages() {
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(err.contains("--- IR after canonicalize ---"), "{err}");
-    assert!(err.contains("fuse-norm"), "{err}");
+    assert!(!err.contains("--- IR after fuse-norm ---"), "{err}");
+    // The --time-passes table: a header, one row per pass run (name, rewrites, ms), a total.
+    let table: Vec<Vec<&str>> = err
+        .lines()
+        .skip_while(|l| !l.starts_with("pass "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(table.len(), 4, "{err}");
+    assert_eq!(table[0], ["pass", "rewrites", "ms"]);
+    for (row, pass) in table[1..3].iter().zip(["canonicalize", "fuse-norm"]) {
+        assert_eq!(row.len(), 3, "{row:?}");
+        assert_eq!(row[0], pass);
+        assert!(
+            row[1].parse::<usize>().unwrap() > 0,
+            "{pass} rewrote nothing"
+        );
+        assert!(row[2].parse::<f64>().unwrap() >= 0.0);
+    }
+    let ms = |row: &[&str]| row.last().unwrap().parse::<f64>().unwrap();
+    assert_eq!(table[3][0], "total");
+    assert!((ms(&table[3]) - ms(&table[1]) - ms(&table[2])).abs() < 0.01);
     assert!(
         !stdout(&o).contains("weight_concat"),
         "fuse-horizontal did not run"
     );
+    let o = bitnetc(&["compile", m, "--emit", "fused", "--print-after=all"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let printed: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("--- IR after ")?.strip_suffix(" ---"))
+        .collect();
+    assert_eq!(printed, bitnetc::passes::PASSES);
     let o = bitnetc(&[
         "compile",
         m,
