@@ -443,6 +443,252 @@ fn tl2_files_are_described_and_refused() {
     );
 }
 
+/// A synthetic bitnet-b1.58 model whose tensor `name` is stored as bitnet.cpp type `type_id`
+/// (filled with a byte pattern), every other tensor as written by `SynthSpec`.
+fn synthetic_with_type(name: &str, type_id: u32) -> Vec<u8> {
+    use bitnetc::gguf::synth::SynthSpec;
+    use bitnetc::gguf::{GgufWriter, Value};
+    let bytes = SynthSpec::tiny(Architecture::BitnetB158)
+        .to_bytes()
+        .unwrap();
+    let src = GgufFile::from_bytes("synthetic.gguf", bytes).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in src.metadata() {
+        w.set(k, Value::from(v));
+    }
+    for t in src.tensors() {
+        let id = if t.name == name { type_id } else { t.type_id };
+        w.add_tensor_type_id(&t.name, &t.dims, id, TypeTable::BitnetCpp)
+            .unwrap();
+    }
+    let data: Vec<Vec<u8>> = src
+        .tensors()
+        .iter()
+        .zip(w.tensors())
+        .map(|(t, spec)| {
+            if t.name == name {
+                vec![0x5a; spec.nbytes as usize]
+            } else {
+                src.tensor_data(t).to_vec()
+            }
+        })
+        .collect();
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    w.to_bytes(&refs).unwrap()
+}
+
+/// TL1 (bitnet.cpp id 38) and TL2 (39) in a whole model: recognized and described with their
+/// exact byte size, refused by the config reader, the decoder and the engine's load path with
+/// the reason (kernel parameters the file does not store).
+#[test]
+fn tl1_and_tl2_models_are_described_and_refused() {
+    use bitnetc::gguf::ModelError;
+    let dir = tempfile::tempdir().unwrap();
+    // TL1 is sized like I2_S (n/4 + 32); TL2 by its own rule, here
+    // t = (256 − 256)·128/3·5/8 + 256·128/2·4/8 = 8192, padded to 32, + 32.
+    for (type_id, type_name, tensor, dims, nbytes) in [
+        (
+            38,
+            "TL1",
+            "blk.0.attn_q.weight",
+            [128u64, 128],
+            128 * 128 / 4 + 32,
+        ),
+        (39, "TL2", "blk.1.ffn_down.weight", [256, 128], 8192 + 32),
+    ] {
+        let path = dir.path().join(format!("{type_name}.gguf"));
+        std::fs::write(&path, synthetic_with_type(tensor, type_id)).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        let layout = f.layout();
+        assert_eq!(layout.type_table, TypeTable::BitnetCpp, "{type_name}");
+        assert!(
+            layout.type_table_reason.contains(&format!(
+                "type ids [36, {type_id}] fit only bitnet.cpp's table"
+            )),
+            "{}",
+            layout.type_table_reason
+        );
+        let t = f.tensor(tensor).unwrap();
+        assert_eq!(
+            (t.type_id, t.type_name, &t.dims[..], t.nbytes, t.encoding()),
+            (type_id, type_name, &dims[..], nbytes, None)
+        );
+        assert!(f.tensor_data(t).iter().all(|&b| b == 0x5a));
+
+        // `inspect` describes it, with its size, and says why the model cannot be loaded.
+        let d = describe(&f, true);
+        let tl: Vec<(&str, usize, u64)> = d
+            .totals
+            .by_type
+            .iter()
+            .filter(|t| t.type_name.starts_with("TL"))
+            .map(|t| (t.type_name.as_str(), t.tensors, t.bytes))
+            .collect();
+        assert_eq!(tl, [(type_name, 1, nbytes)]);
+        let ConfigOutcome::Invalid(why) = &d.config else {
+            panic!("{type_name}: the config must be refused");
+        };
+        assert!(
+            why.starts_with(&format!(
+                "tensor '{tensor}' is {type_name}: TL1/TL2 weights"
+            )),
+            "{why}"
+        );
+        let json = serde_json::to_value(&d).unwrap();
+        let row = json["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == tensor)
+            .unwrap();
+        assert_eq!(
+            (&row["type"], &row["nbytes"]),
+            (&serde_json::json!(type_name), &serde_json::json!(nbytes))
+        );
+        assert!(
+            json["config_error"]
+                .as_str()
+                .unwrap()
+                .contains("per-model kernel parameters")
+        );
+
+        // The config reader refuses it, naming the tensor, its type and the reason.
+        let err = ModelConfig::from_gguf(&f).unwrap_err();
+        let ModelError::TensorType {
+            tensor: name,
+            type_name: ty,
+            reason,
+        } = &err
+        else {
+            panic!("{type_name}: {err:?}");
+        };
+        assert_eq!((name.as_str(), ty.as_str()), (tensor, type_name));
+        assert!(
+            reason.contains(
+                "per-model kernel parameters (BM, BK, bm) that bitnet.cpp generates at build \
+                 time and the file does not store"
+            ),
+            "{reason}"
+        );
+        assert!(reason.contains("bitnetc quantize --type i2_s"), "{reason}");
+        assert!(
+            f.decode(t)
+                .unwrap_err()
+                .to_string()
+                .contains("per-model kernel parameters")
+        );
+
+        // So does loading the model to run it.
+        let err = match bitnetc::load(&path, bitnetc::LoadOptions::default()) {
+            Ok(_) => panic!("{type_name}: the model must not load"),
+            Err(e) => e,
+        };
+        assert_eq!(err.stage(), bitnetc::Stage::Lower);
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "{}: tensor '{tensor}' is {type_name}: ",
+                path.display()
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("the file does not store"), "{msg}");
+    }
+}
+
+/// `quantize --type i2_s --embedding-type q8_0|f16` on bitnet.cpp's F32 file: the embedding in
+/// the reference encoding of its F32 values, every norm unchanged, every block matrix I2_S.
+#[test]
+fn quantize_embedding_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = open("tiny/bitnetcpp-tiny-f32.gguf");
+    let embd = input.tensor("token_embd.weight").unwrap();
+    assert_eq!(
+        (embd.type_name, &embd.dims[..]),
+        ("F32", &[256u64, 2048][..])
+    );
+    let values = input.decode(embd).unwrap();
+    let mut logits = Vec::new();
+    for (embedding, type_name, nbytes) in [
+        (Encoding::Q8_0, "Q8_0", 256 * 2048 / 32 * 34),
+        (Encoding::F16, "F16", 256 * 2048 * 2),
+    ] {
+        let out = dir.path().join(format!("i2_s-{type_name}.gguf"));
+        let opts = QuantizeOptions {
+            weights: Encoding::I2S,
+            embedding,
+        };
+        let report = quantize(&input, &out, opts, |_, _, _| {}).unwrap();
+        let q = GgufFile::open(&out).unwrap();
+        assert_eq!(
+            q.get("general.file_type"),
+            Some(bitnetc::gguf::MetaValue::U32(40))
+        );
+        assert_eq!(q.tensors().len(), 46);
+
+        let e = q.tensor("token_embd.weight").unwrap();
+        assert_eq!(
+            (e.type_name, &e.dims, e.nbytes),
+            (type_name, &embd.dims, nbytes)
+        );
+        let expected: Vec<u8> = match embedding {
+            Encoding::Q8_0 => Encoding::Q8_0.encode(&values).unwrap(),
+            _ => values
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
+        };
+        assert_eq!(q.tensor_data(e), &expected[..], "{type_name}");
+        let outcome = report
+            .tensors
+            .iter()
+            .find(|t| t.name == "token_embd.weight")
+            .unwrap();
+        assert_eq!(
+            (outcome.from.as_str(), outcome.to.as_str()),
+            ("F32", type_name)
+        );
+        if embedding == Encoding::Q8_0 {
+            // Within half a quantization step of the F32 values, block by block, plus what
+            // storing the step d in f16 moves the largest code (127).
+            let back = q.decode(e).unwrap();
+            for (x, y) in values.chunks(32).zip(back.chunks(32)) {
+                let d = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+                let bound = d * 0.5 + 127.0 * (f16::from_f32(d).to_f32() - d).abs() + 1e-6;
+                assert!(x.iter().zip(y).all(|(a, b)| (a - b).abs() <= bound));
+            }
+        }
+
+        let (mut norms, mut matrices) = (0, 0);
+        for t in input.tensors() {
+            let o = q.tensor(&t.name).unwrap();
+            if t.name.ends_with("norm.weight") {
+                assert_eq!((t.type_name, o.type_name), ("F32", "F32"), "{}", t.name);
+                assert_eq!(q.tensor_data(o), input.tensor_data(t), "{}", t.name);
+                norms += 1;
+            } else if t.name != "token_embd.weight" {
+                assert_eq!((o.type_name, &o.dims), ("I2_S", &t.dims), "{}", t.name);
+                let expected = Encoding::I2S.encode(&input.decode(t).unwrap()).unwrap();
+                assert_eq!(q.tensor_data(o), &expected[..], "{}", t.name);
+                matrices += 1;
+            }
+        }
+        assert_eq!((norms, matrices), (17, 28));
+
+        // The model runs with either embedding (it is also the tied output head).
+        let m = bitnetc::load(&out, bitnetc::LoadOptions::default()).unwrap();
+        let tokens: Vec<u32> = (0..8u32).map(|i| (i * 613 + 7) % 2048).collect();
+        logits.push(m.engine.session().eval(&tokens).unwrap());
+    }
+    let (q8, f16) = (&logits[0], &logits[1]);
+    assert_eq!(q8.len(), f16.len());
+    // Measured: 0.16 on a mean |logit| of 3.2, nearly all of it from the embedding lookup
+    // (a Q8_0 head alone moves the logits by 0.02).
+    let mean = q8.iter().zip(f16).map(|(a, b)| (a - b).abs()).sum::<f32>() / q8.len() as f32;
+    eprintln!("Q8_0 vs F16 embedding: mean |Δlogit| {mean}");
+    assert!(mean > 0.0 && mean < 0.25, "{mean}");
+}
+
 #[test]
 fn k_quants_are_described_but_not_computed() {
     let bytes = one_tensor_file("llama", &[256, 4], 12, TypeTable::Upstream, &[]);

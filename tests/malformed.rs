@@ -59,6 +59,19 @@ fn error_messages_say_what_was_expected() {
     assert!(msg("bad-magic.gguf").contains("expected \"GGUF\""));
     assert!(msg("version-1.gguf").contains("expected 2 or 3"));
     assert!(msg("big-endian.gguf").contains("big-endian"));
+    // Big-endian files are told apart by their version (GGUF magic) or by their magic itself.
+    let tail = "the file is big-endian (version reads as 3 when byte-swapped); bitnetc reads \
+                little-endian GGUF only: re-convert the model without --bigendian";
+    assert!(
+        msg("big-endian.gguf").ends_with(&format!(": at byte 4: {tail}")),
+        "{}",
+        msg("big-endian.gguf")
+    );
+    assert!(
+        msg("big-endian-magic.gguf").ends_with(&format!(": at byte 0: {tail}")),
+        "{}",
+        msg("big-endian-magic.gguf")
+    );
     assert!(
         msg("size-does-not-match-type.gguf").contains(
             "tensor 'a': type F16 with dims [8] takes 16 bytes, but the file gives it 64"

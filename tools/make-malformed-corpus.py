@@ -70,6 +70,9 @@ case("version-1.gguf", "unsupported_version", valid(version=1))
 case("version-4.gguf", "unsupported_version", valid(version=4))
 case("big-endian.gguf", "big_endian",
      b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + s(b"k"))
+case("big-endian-magic.gguf", "big_endian",
+     struct.pack(">IIQQ", 0x46554747, 3, 0, 1) + struct.pack(">Q", 20) + b"general.architecture"
+     + struct.pack(">IQ", 8, 5) + b"llama")
 case("kv-count-too-large.gguf", "count_too_large", gguf([ARCH], [], n_kv=1 << 40))
 case("tensor-count-too-large.gguf", "count_too_large", gguf([ARCH], [], n_tensors=1 << 50))
 case("key-length-past-end.gguf", "string_too_long",

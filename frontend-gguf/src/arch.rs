@@ -444,3 +444,455 @@ fn check_rope_scaling(file: &GgufFile, arch: &str) -> Result<(), ModelError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::SynthSpec;
+    use crate::types::TypeTable;
+    use crate::writer::{GgufWriter, Value};
+
+    /// A tensor of a model being rewritten; `data: None` gives zero bytes of the declared size.
+    struct Tensor {
+        name: String,
+        dims: Vec<u64>,
+        type_id: u32,
+        data: Option<Vec<u8>>,
+    }
+
+    impl Tensor {
+        fn new(name: &str, dims: &[u64], type_id: u32) -> Tensor {
+            Tensor {
+                name: name.into(),
+                dims: dims.to_vec(),
+                type_id,
+                data: None,
+            }
+        }
+    }
+
+    type Metadata = Vec<(String, Value)>;
+
+    /// The metadata and tensors of a synthetic model.
+    fn parts(spec: &SynthSpec) -> (Metadata, Vec<Tensor>) {
+        let f = GgufFile::from_bytes("synthetic.gguf", spec.to_bytes().unwrap()).unwrap();
+        let kvs = f
+            .metadata()
+            .map(|(k, v)| (k.to_string(), Value::from(v)))
+            .collect();
+        let tensors = f
+            .tensors()
+            .iter()
+            .map(|t| Tensor {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                type_id: t.type_id,
+                data: Some(f.tensor_data(t).to_vec()),
+            })
+            .collect();
+        (kvs, tensors)
+    }
+
+    fn build(kvs: &[(String, Value)], tensors: &[Tensor]) -> GgufFile {
+        let mut w = GgufWriter::new();
+        for (k, v) in kvs {
+            w.set(k, v.clone());
+        }
+        for t in tensors {
+            w.add_tensor_type_id(&t.name, &t.dims, t.type_id, TypeTable::BitnetCpp)
+                .unwrap();
+        }
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .zip(w.tensors())
+            .map(|(t, s)| t.data.clone().unwrap_or_else(|| vec![0; s.nbytes as usize]))
+            .collect();
+        let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        GgufFile::from_bytes("edited.gguf", w.to_bytes(&refs).unwrap()).unwrap()
+    }
+
+    /// The config of a synthetic model after `edit` changed its metadata or tensors.
+    fn config_after(
+        spec: &SynthSpec,
+        edit: impl FnOnce(&mut Metadata, &mut Vec<Tensor>),
+    ) -> Result<ModelConfig, ModelError> {
+        let (mut kvs, mut tensors) = parts(spec);
+        edit(&mut kvs, &mut tensors);
+        ModelConfig::from_gguf(&build(&kvs, &tensors))
+    }
+
+    fn error_after(
+        spec: &SynthSpec,
+        edit: impl FnOnce(&mut Metadata, &mut Vec<Tensor>),
+    ) -> ModelError {
+        config_after(spec, edit).expect_err("the edited model must be refused")
+    }
+
+    fn b158() -> SynthSpec {
+        SynthSpec::tiny(Architecture::BitnetB158)
+    }
+
+    fn set(kvs: &mut Metadata, key: &str, value: Value) {
+        kvs.iter_mut().find(|(k, _)| k == key).unwrap().1 = value;
+    }
+
+    fn remove_key(kvs: &mut Metadata, key: &str) {
+        let before = kvs.len();
+        kvs.retain(|(k, _)| k != key);
+        assert_eq!(kvs.len(), before - 1, "{key} was in the file");
+    }
+
+    fn remove_tensor(tensors: &mut Vec<Tensor>, name: &str) {
+        let before = tensors.len();
+        tensors.retain(|t| t.name != name);
+        assert_eq!(tensors.len(), before - 1, "{name} was in the file");
+    }
+
+    #[test]
+    fn rewriting_unchanged_keeps_the_config() {
+        let spec = b158();
+        let original = ModelConfig::from_gguf(
+            &GgufFile::from_bytes("synthetic.gguf", spec.to_bytes().unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config_after(&spec, |_, _| {}).unwrap(), original);
+    }
+
+    #[test]
+    fn bitnet_b158_config() {
+        let spec = b158();
+        let f = GgufFile::from_bytes("b158.gguf", spec.to_bytes().unwrap()).unwrap();
+        let c = ModelConfig::from_gguf(&f).unwrap();
+        assert_eq!(
+            c,
+            ModelConfig {
+                architecture: Architecture::BitnetB158,
+                name: Some("synthetic-bitnet-b1.58".into()),
+                vocab_size: 384,
+                context_length: 256,
+                hidden: 128,
+                layers: 2,
+                ffn: 256,
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 32,
+                rope_dims: 32,
+                rope_theta: 500000.0,
+                rope_style: RopeStyle::Neox,
+                rms_eps: 1e-5,
+                ffn_activation: Activation::Relu2,
+                sub_norms: true,
+                tied_output: true,
+                weight_scales: false,
+            }
+        );
+        // 384·128 embedding + 128 output norm + 2 × (128·128·2 + 128·64·2 + 128·256·3 +
+        // 2·128 norms + 128 + 256 sub-norms).
+        assert_eq!(c.parameter_count(), 345_472);
+        assert_eq!(c.expected_tensors().len(), 3 + 2 * 11);
+    }
+
+    #[test]
+    fn bitnet_with_scales_and_untied_output_config() {
+        let spec = SynthSpec {
+            weight_scales: true,
+            output: Some(Encoding::F16),
+            ..SynthSpec::tiny(Architecture::Bitnet)
+        };
+        let f = GgufFile::from_bytes("bitnet.gguf", spec.to_bytes().unwrap()).unwrap();
+        assert_eq!(f.tensor("blk.1.ffn_down.scale").unwrap().dims, [1]);
+        assert_eq!(f.tensor("output.weight").unwrap().type_name, "F16");
+        let c = ModelConfig::from_gguf(&f).unwrap();
+        assert_eq!(
+            c,
+            ModelConfig {
+                architecture: Architecture::Bitnet,
+                name: Some("synthetic-bitnet".into()),
+                vocab_size: 384,
+                context_length: 256,
+                hidden: 128,
+                layers: 2,
+                ffn: 256,
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 32,
+                rope_dims: 32,
+                rope_theta: 500000.0,
+                rope_style: RopeStyle::Neox,
+                rms_eps: 1e-5,
+                ffn_activation: Activation::Silu,
+                sub_norms: true,
+                tied_output: false,
+                weight_scales: true,
+            }
+        );
+        // The b1.58 count plus the 384·128 output head; the scales are not required tensors.
+        assert_eq!(c.parameter_count(), 345_472 + 49_152);
+        let expected = c.expected_tensors();
+        let scales: Vec<&ExpectedTensor> = expected
+            .iter()
+            .filter(|e| e.name.ends_with(".scale"))
+            .collect();
+        assert_eq!(scales.len(), 2 * 7);
+        assert!(
+            scales
+                .iter()
+                .all(|e| e.dims == [1] && !e.required && !e.is_matrix)
+        );
+        // One scale tensor is enough to say the model has scales; none means none.
+        let plain = SynthSpec::tiny(Architecture::Bitnet);
+        let one = config_after(&plain, |_, tensors| {
+            tensors.push(Tensor {
+                data: Some(Encoding::F32.encode(&[0.5]).unwrap()),
+                ..Tensor::new("blk.0.attn_v.scale", &[1], 0)
+            });
+        })
+        .unwrap();
+        assert!(one.weight_scales && one.tied_output);
+        let none = config_after(&plain, |_, _| {}).unwrap();
+        assert!(!none.weight_scales && none.tied_output);
+        assert_eq!(none.ffn_activation, Activation::Silu);
+    }
+
+    #[test]
+    fn a_missing_tensor_is_named() {
+        let err = error_after(&b158(), |_, t| remove_tensor(t, "blk.1.ffn_up.weight"));
+        assert_eq!(
+            err,
+            ModelError::MissingTensor {
+                tensor: "blk.1.ffn_up.weight".into(),
+                arch: "bitnet-b1.58".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "tensor 'blk.1.ffn_up.weight' is missing (architecture bitnet-b1.58 needs it)"
+        );
+        // The sub-norms are required by the SubLN architectures.
+        let err = error_after(&b158(), |_, t| {
+            remove_tensor(t, "blk.0.attn_sub_norm.weight")
+        });
+        assert!(
+            matches!(&err, ModelError::MissingTensor { tensor, .. } if tensor == "blk.0.attn_sub_norm.weight"),
+            "{err}"
+        );
+        // The embedding is looked up before the block tensors.
+        let err = error_after(&b158(), |_, t| remove_tensor(t, "token_embd.weight"));
+        assert_eq!(
+            err,
+            ModelError::MissingTensor {
+                tensor: "token_embd.weight".into(),
+                arch: "bitnet-b1.58".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_tensor_with_wrong_dims_is_named_with_the_expected_dims() {
+        for wrong in [[128u64, 128], [64, 128]] {
+            let err = error_after(&b158(), |_, tensors| {
+                let t = tensors
+                    .iter_mut()
+                    .find(|t| t.name == "blk.0.attn_k.weight")
+                    .unwrap();
+                t.dims = wrong.to_vec();
+                t.data = None;
+            });
+            assert_eq!(
+                err,
+                ModelError::TensorShape {
+                    tensor: "blk.0.attn_k.weight".into(),
+                    expected: vec![128, 64],
+                    found: wrong.to_vec(),
+                }
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("tensor 'blk.0.attn_k.weight' has dims {wrong:?}, expected [128, 64]")
+            );
+        }
+        // A norm of the wrong length.
+        let err = error_after(&b158(), |_, tensors| {
+            let t = tensors
+                .iter_mut()
+                .find(|t| t.name == "blk.1.ffn_sub_norm.weight")
+                .unwrap();
+            t.dims = vec![128];
+            t.data = None;
+        });
+        assert_eq!(
+            err,
+            ModelError::TensorShape {
+                tensor: "blk.1.ffn_sub_norm.weight".into(),
+                expected: vec![256],
+                found: vec![128],
+            }
+        );
+        // Trailing ggml 1s are the same shape.
+        let ok = config_after(&b158(), |_, tensors| {
+            let t = tensors
+                .iter_mut()
+                .find(|t| t.name == "output_norm.weight")
+                .unwrap();
+            t.dims = vec![128, 1];
+        });
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn an_unexpected_tensor_is_refused_by_name() {
+        for (name, dims) in [
+            ("blk.0.attn_q.bias", &[128u64][..]),
+            // Scales belong to architecture `bitnet` only.
+            ("blk.0.attn_q.scale", &[1][..]),
+            // A block past block_count.
+            ("blk.2.attn_norm.weight", &[128][..]),
+        ] {
+            let err = error_after(&b158(), |_, t| t.push(Tensor::new(name, dims, 0)));
+            assert_eq!(
+                err,
+                ModelError::UnexpectedTensor {
+                    tensor: name.into(),
+                    arch: "bitnet-b1.58".into()
+                }
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "tensor '{name}' is not used by architecture bitnet-b1.58; bitnetc refuses to ignore weights"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_architecture_is_named() {
+        let err = error_after(&b158(), |kvs, _| {
+            set(kvs, "general.architecture", Value::str("gpt2"))
+        });
+        assert_eq!(
+            err,
+            ModelError::UnsupportedArchitecture {
+                arch: "gpt2".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "architecture 'gpt2' is not supported: bitnetc runs bitnet-b1.58, bitnet-25, bitnet and llama"
+        );
+        // The name must be a string.
+        let err = error_after(&b158(), |kvs, _| {
+            set(kvs, "general.architecture", Value::U32(1))
+        });
+        assert_eq!(
+            err,
+            ModelError::KeyType {
+                key: "general.architecture".into(),
+                expected: "a string",
+                found: "u32".into()
+            }
+        );
+    }
+
+    #[test]
+    fn head_count_kv_must_divide_head_count() {
+        for kv in [3u32, 0, 8] {
+            let err = error_after(&b158(), |kvs, _| {
+                set(kvs, "bitnet-b1.58.attention.head_count_kv", Value::U32(kv))
+            });
+            assert_eq!(
+                err,
+                ModelError::BadValue {
+                    key: "bitnet-b1.58.attention.head_count_kv".into(),
+                    value: kv.to_string(),
+                    reason: "must divide attention.head_count = 4".into(),
+                }
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "metadata key 'bitnet-b1.58.attention.head_count_kv' = {kv}: must divide attention.head_count = 4"
+                )
+            );
+        }
+        // Absent, it defaults to head_count: then the K and V matrices are the wrong size.
+        let err = error_after(&b158(), |kvs, _| {
+            remove_key(kvs, "bitnet-b1.58.attention.head_count_kv")
+        });
+        assert_eq!(
+            err,
+            ModelError::TensorShape {
+                tensor: "blk.0.attn_k.weight".into(),
+                expected: vec![128, 128],
+                found: vec![128, 64],
+            }
+        );
+    }
+
+    #[test]
+    fn a_missing_required_key_is_named() {
+        for key in [
+            "general.architecture",
+            "bitnet-b1.58.embedding_length",
+            "bitnet-b1.58.block_count",
+            "bitnet-b1.58.feed_forward_length",
+            "bitnet-b1.58.attention.head_count",
+            "bitnet-b1.58.context_length",
+            "bitnet-b1.58.attention.layer_norm_rms_epsilon",
+        ] {
+            let err = error_after(&b158(), |kvs, _| remove_key(kvs, key));
+            assert_eq!(
+                err,
+                ModelError::MissingKey {
+                    key: key.into(),
+                    hint: String::new()
+                }
+            );
+            assert_eq!(err.to_string(), format!("metadata key '{key}' is missing"));
+        }
+        // Present but of the wrong type, or zero.
+        let key = "bitnet-b1.58.feed_forward_length";
+        let err = error_after(&b158(), |kvs, _| set(kvs, key, Value::str("256")));
+        assert_eq!(
+            err,
+            ModelError::KeyType {
+                key: key.into(),
+                expected: "an integer",
+                found: "str".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("metadata key '{key}' is str, expected an integer")
+        );
+        let err = error_after(&b158(), |kvs, _| set(kvs, key, Value::U64(0)));
+        assert_eq!(
+            err,
+            ModelError::BadValue {
+                key: key.into(),
+                value: "0".into(),
+                reason: "must be positive".into()
+            }
+        );
+    }
+
+    #[test]
+    fn norms_must_be_float() {
+        let err = error_after(&b158(), |_, tensors| {
+            let t = tensors
+                .iter_mut()
+                .find(|t| t.name == "blk.0.ffn_sub_norm.weight")
+                .unwrap();
+            t.type_id = 8;
+            t.data = None;
+        });
+        assert_eq!(
+            err,
+            ModelError::TensorType {
+                tensor: "blk.0.ffn_sub_norm.weight".into(),
+                type_name: "Q8_0".into(),
+                reason: "norm and scale vectors must be F32, F16 or BF16".into(),
+            }
+        );
+    }
+}
