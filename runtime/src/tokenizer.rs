@@ -47,6 +47,20 @@ const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]
 const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The Unicode version of llama.cpp's code point tables (`unicode-data.cpp`).
+const LLAMA_CPP_UNICODE: &str = r"\p{age:15.1}";
+
+/// A pattern with its `\p{L}`, `\p{N}` and `\p{P}` classes limited to the code points that
+/// llama.cpp's Unicode 15.1 tables assign: there, characters added later belong to no category,
+/// so they are neither letters nor digits nor punctuation.
+fn with_llama_cpp_unicode(pattern: &str) -> String {
+    let mut p = pattern.to_string();
+    for class in [r"\p{L}", r"\p{N}", r"\p{P}"] {
+        p = p.replace(class, &format!("[{class}&&{LLAMA_CPP_UNICODE}]"));
+    }
+    p
+}
+
 /// The regexes a pre-tokenizer applies in sequence, and whether a whole word found in the
 /// vocabulary skips the merges (llama.cpp's `ignore_merges`).
 fn pre_tokenizer(name: &str) -> Result<(Vec<&'static str>, bool), TokenizerError> {
@@ -135,7 +149,7 @@ impl Tokenizer {
                 let regexes = patterns
                     .iter()
                     .map(|p| {
-                        Regex::new(p).map_err(|e| {
+                        Regex::new(&with_llama_cpp_unicode(p)).map_err(|e| {
                             TokenizerError::BadVocab(format!("pre-tokenizer regex: {e}"))
                         })
                     })
@@ -201,11 +215,7 @@ impl Tokenizer {
         if add_special && self.spec.add_bos {
             out.extend(self.spec.bos);
         }
-        let fragments = if parse_special {
-            self.split_specials(text)
-        } else {
-            vec![Fragment::Text(text)]
-        };
+        let fragments = self.split_specials(text, parse_special);
         let mut after_special = true;
         for f in fragments {
             match f {
@@ -240,10 +250,18 @@ impl Tokenizer {
     }
 
     /// Splits text at occurrences of special tokens, longest tokens first (llama.cpp's
-    /// `tokenizer_st_partition`).
-    fn split_specials<'t>(&self, text: &'t str) -> Vec<Fragment<'t>> {
-        let mut fragments = vec![Fragment::Text(text)];
+    /// `tokenizer_st_partition`). Without `parse_special` only user-defined tokens split the
+    /// text; control and unknown tokens stay text. Empty text has no fragments.
+    fn split_specials<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
+        let mut fragments = if text.is_empty() {
+            Vec::new()
+        } else {
+            vec![Fragment::Text(text)]
+        };
         for (special, id) in &self.specials {
+            if !parse_special && self.spec.types[*id as usize] != TokenType::UserDefined {
+                continue;
+            }
             let mut next = Vec::with_capacity(fragments.len());
             for f in fragments {
                 let Fragment::Text(mut t) = f else {
@@ -323,11 +341,15 @@ impl Tokenizer {
             for s in symbols {
                 match self.ids.get(&s) {
                     Some(&id) => out.push(id),
-                    // Not in the vocabulary: its characters one by one (llama.cpp's fallback).
-                    None => out.extend(
-                        s.chars()
-                            .filter_map(|c| self.ids.get(&c.to_string()).copied()),
-                    ),
+                    // Not in the vocabulary: each byte of its text that is a token by itself,
+                    // the others dropped (llama.cpp's fallback). Only ASCII bytes can be.
+                    None => out.extend(s.bytes().filter_map(|b| {
+                        if b.is_ascii() {
+                            self.ids.get(&char::from(b).to_string()).copied()
+                        } else {
+                            None
+                        }
+                    })),
                 }
             }
         }
@@ -521,5 +543,76 @@ mod tests {
         assert_eq!(t.encode("ab</s>ab", false, true), vec![8, 2, 8]);
         assert_eq!(t.decode(&[8, 2, 7], false), " abab");
         assert_eq!(t.decode(&[8, 2, 7], true), " ab</s>ab");
+    }
+
+    #[test]
+    fn empty_text_has_no_tokens() {
+        let t = spm();
+        assert_eq!(t.encode("", false, false), Vec::<u32>::new());
+        assert_eq!(t.encode("", false, true), Vec::<u32>::new());
+        assert_eq!(t.encode("", true, true), vec![1]);
+        let b = bpe("gpt-2");
+        assert_eq!(b.encode("", true, true), Vec::<u32>::new());
+    }
+
+    /// A byte-level BPE vocabulary whose merges make words that are not tokens: `a b` and
+    /// `Ã ©` (the bytes of "é"); no token for the space byte `Ġ`.
+    fn bpe(pre: &str) -> Tokenizer {
+        let tokens: Vec<String> = ["a", "b", "Ã", "©", "x", "y", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let spec = TokenizerSpec {
+            kind: TokenizerKind::Bpe { pre: pre.into() },
+            types: vec![TokenType::Normal; tokens.len()],
+            tokens,
+            scores: Vec::new(),
+            merges: vec!["a b".into(), "Ã ©".into()],
+            bos: None,
+            eos: None,
+            eot: None,
+            unknown: None,
+            padding: None,
+            end_of_generation: Vec::new(),
+            add_bos: false,
+            add_eos: false,
+            add_space_prefix: false,
+            chat_template: None,
+        };
+        Tokenizer::new(spec, None).unwrap()
+    }
+
+    #[test]
+    fn bpe_words_that_are_not_tokens_fall_back_to_single_byte_tokens() {
+        let t = bpe("gpt-2");
+        // "ab" merges into a word that is no token: its bytes, each a token.
+        assert_eq!(t.encode("ab", false, false), vec![0, 1]);
+        // "é" merges into "Ã©", no token; its bytes are not ASCII, so nothing is left.
+        assert_eq!(t.encode("é", false, false), Vec::<u32>::new());
+        // "Ġ" is no token and no merge takes it: dropped, "a" stays.
+        assert_eq!(t.encode(" a", false, false), vec![0]);
+    }
+
+    fn words<'t>(t: &Tokenizer, text: &'t str) -> Vec<&'t str> {
+        let Algorithm::Bpe { regexes, .. } = &t.algorithm else {
+            unreachable!()
+        };
+        Tokenizer::pre_tokenize(regexes, text)
+    }
+
+    #[test]
+    fn pre_tokenizers_classify_code_points_as_unicode_15_1_does() {
+        // U+A7DB (Unicode 16.0) is a letter now but no letter in llama.cpp's tables.
+        assert_eq!(words(&bpe("gpt-2"), "x\u{a7db} 1"), ["x", "\u{a7db}", " 1"]);
+        assert_eq!(
+            words(&bpe("llama3"), "x\u{a7db} 1"),
+            ["x", "\u{a7db}", " ", "1"]
+        );
+        assert_eq!(words(&bpe("gpt-2"), "x\u{e9} 1"), ["x\u{e9}", " 1"]);
+        // U+16D40 (Unicode 16.0, Kirat Rai) is not a letter; U+10D40 is not a digit.
+        assert_eq!(
+            words(&bpe("qwen2"), "a\u{16d40}\u{10d40}1"),
+            ["a", "\u{16d40}\u{10d40}", "1"]
+        );
     }
 }
