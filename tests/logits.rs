@@ -219,3 +219,129 @@ fn smollm2_fox_is_exact() {
         1e-5,
     );
 }
+
+/// An f32 KV cache (`--kv-cache f32`): the interpreter and the compiled kernels agree bit for
+/// bit on the bitnet.cpp I2_S and F32 models. On the F32 model (float matmuls, no activation
+/// quantization to amplify a rounding; on the I2_S model the cache's rounding flips int8
+/// activations and moves logits by up to 0.7, as large as the peers' spread) the logits move
+/// from the f16 cache's (which bitnet.cpp uses) by little and stay within the reference rules.
+#[test]
+fn f32_kv_cache() {
+    use bitnetc::gguf::lower::LowerOptions;
+    use bitnetc::ir::types::DType;
+    let tokens = tiny_tokens();
+    let f32_cache = |options: LoadOptions| LoadOptions {
+        lower: LowerOptions {
+            kv_cache: DType::F32,
+        },
+        ..options
+    };
+    for model in ["bitnetcpp-tiny-i2_s.gguf", "bitnetcpp-tiny-f32.gguf"] {
+        let path = fixture(&format!("tiny/{model}"));
+        let [(_, interp), (_, compiled)] = engines();
+        let (ours, vocab) = logits(&path, f32_cache(interp), &tokens, false);
+        let (compiled_f32, _) = logits(&path, f32_cache(compiled.clone()), &tokens, false);
+        let what = format!("{model}: f32 cache, compiled vs interpreter");
+        bitnetc_tests::assert_bits_equal(&compiled_f32, &ours, &what);
+        let (f16_cache, _) = logits(&path, compiled, &tokens, false);
+        let d = compare(&ours, &f16_cache, vocab);
+        eprintln!(
+            "{model}: f32 vs f16 cache, per position {:?}",
+            d.per_position
+        );
+        assert!(d.max() > 0.0, "{model}: the f32 cache changed nothing");
+        if model.contains("f32") {
+            // 0.0084 at most, measured.
+            assert!(
+                d.max() < 0.02,
+                "{model}: f32 vs f16 cache differ by {}",
+                d.max()
+            );
+            let r = npy::read_f32(&fixture("tiny/ref/bitnetcpp-f32.seq.npy")).unwrap();
+            let c = compare(&ours, &r.data, vocab);
+            // bitnet.cpp rounds K/V to f16, so position 0 moves by the cache's rounding too.
+            assert!(c.per_position[0] <= 0.02, "{}", c.per_position[0]);
+            assert!(c.argmax_mismatches.is_empty(), "{:?}", c.argmax_mismatches);
+            assert!(c.top5_last_equal);
+            assert!(c.max() <= 0.35, "{}", c.max());
+        }
+    }
+}
+
+/// A model's untied `output.weight` is its head: a synthetic `bitnet` model with an untied
+/// head whose bytes equal `token_embd`'s gives bit for bit the logits of the same model with
+/// the head tied (no `output.weight`), and its own random head gives other logits.
+#[test]
+fn an_untied_output_weight_is_the_head() {
+    use bitnetc::gguf::GgufFile;
+    use bitnetc::gguf::arch::Architecture;
+    use bitnetc::gguf::synth::SynthSpec;
+    use bitnetc::gguf::types::TypeTable;
+    use bitnetc::gguf::writer::{GgufWriter, Value};
+    use bitnetc::ir::Encoding;
+
+    let spec = SynthSpec {
+        embedding: Encoding::F16,
+        output: Some(Encoding::F16),
+        ..SynthSpec::tiny(Architecture::Bitnet)
+    };
+    let untied = GgufFile::from_bytes("untied.gguf", spec.to_bytes().unwrap()).unwrap();
+    // Rewrites the model with `output.weight` replaced (`Some(bytes)`) or left out (`None`).
+    let rewrite = |head: Option<&[u8]>| {
+        let mut w = GgufWriter::new();
+        for (k, v) in untied.metadata() {
+            w.set(k, Value::from(v));
+        }
+        let mut data = Vec::new();
+        for t in untied.tensors() {
+            let bytes = match (t.name.as_str(), head) {
+                ("output.weight", None) => continue,
+                ("output.weight", Some(h)) => h,
+                _ => untied.tensor_data(t),
+            };
+            w.add_tensor_type_id(&t.name, &t.dims, t.type_id, TypeTable::BitnetCpp)
+                .unwrap();
+            data.push(bytes);
+        }
+        w.to_bytes(&data).unwrap()
+    };
+    let embd = untied
+        .tensors()
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: Vec<u8>| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let same_as_embd = write("same.gguf", rewrite(Some(untied.tensor_data(embd))));
+    let tied = write("tied.gguf", rewrite(None));
+    let own_head = write(
+        "own.gguf",
+        rewrite(Some(
+            untied.tensor_data(
+                untied
+                    .tensors()
+                    .iter()
+                    .find(|t| t.name == "output.weight")
+                    .unwrap(),
+            ),
+        )),
+    );
+    let tokens = [0, 5, 9, 200, 31, 7];
+    for (engine, options) in engines() {
+        let run = |p: &Path| logits(p, options.clone(), &tokens, true).0;
+        let tied_logits = run(&tied);
+        let what = format!("{engine}: head equal to the embedding vs tied");
+        bitnetc_tests::assert_bits_equal(&run(&same_as_embd), &tied_logits, &what);
+        let own = run(&own_head);
+        let moved = own.iter().zip(&tied_logits).filter(|(a, b)| a != b).count();
+        assert!(
+            moved > own.len() / 2,
+            "{engine}: only {moved} of {} logits changed with the model's own head",
+            own.len()
+        );
+    }
+}
