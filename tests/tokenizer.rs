@@ -195,6 +195,32 @@ fn user_defined_tokens_split_without_parse_special() {
     assert!(!phi3.encode("Hello<|end|>", false, false).contains(&32007));
 }
 
+/// Streaming real tokens: in both a byte-level BPE vocabulary (gpt-2) and a SentencePiece one
+/// with byte fallback (llama-spm), "🦙" is several tokens that each hold part of its four
+/// bytes; the stream prints nothing until the character is whole, then exactly the text.
+#[test]
+fn streaming_real_tokens_waits_for_whole_characters() {
+    for name in ["gpt-2", "llama-spm"] {
+        let tok = tokenizer(&fixture(&format!("vocab/ggml-vocab-{name}.gguf")));
+        let text = "Hi 🦙 é";
+        let ids = tok.encode(text, false, false);
+        let mut stream = TextStream::default();
+        let mut pieces = Vec::new();
+        for &id in &ids {
+            pieces.push(stream.push(&tok.token_bytes(id, false)));
+        }
+        pieces.push(stream.finish());
+        let llama = pieces.iter().position(|p| p.contains('🦙')).unwrap();
+        assert!(
+            pieces[llama - 1].is_empty(),
+            "{name}: a partial character was printed: {pieces:?} for {ids:?}"
+        );
+        assert!(pieces.iter().all(|p| !p.contains('\u{fffd}')), "{pieces:?}");
+        let joined: String = pieces.concat();
+        assert_eq!(joined.trim_start(), text, "{name}: {pieces:?}");
+    }
+}
+
 #[test]
 fn streaming_holds_back_split_characters() {
     let mut s = TextStream::default();

@@ -245,4 +245,80 @@ mod tests {
         // 3/2 = 1.5 < 2.
         assert_eq!(s.sample(&[3.0, 2.0, -1.0]), 1);
     }
+
+    #[test]
+    fn the_penalty_forgets_tokens_older_than_repeat_last_n() {
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 2.0,
+            repeat_last_n: 2,
+            ..SamplingParams::greedy()
+        });
+        let logits = [3.0, 2.0, -1.0, 0.5];
+        s.accept(0);
+        assert_eq!(s.sample(&logits), 1);
+        s.accept(2);
+        assert_eq!(s.sample(&logits), 1, "0 is still among the last 2");
+        s.accept(3);
+        assert_eq!(s.sample(&logits), 0, "0 left the window");
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 2.0,
+            repeat_last_n: 0,
+            ..SamplingParams::greedy()
+        });
+        s.accept(0);
+        assert_eq!(s.sample(&logits), 0, "repeat_last_n 0 disables the penalty");
+    }
+
+    /// Draw frequencies of `params` over `logits`, in 4000 draws.
+    fn frequencies(params: SamplingParams, logits: &[f32]) -> Vec<f64> {
+        let mut s = Sampler::new(params);
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..4000 {
+            counts[s.sample(logits) as usize] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / 4000.0).collect()
+    }
+
+    #[test]
+    fn temperature_and_top_k_shape_the_draws() {
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let open = SamplingParams {
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 5,
+            ..SamplingParams::default()
+        };
+        // Temperature 1: softmax(2, 1, 0, -1) = 0.644, 0.237, 0.087, 0.032.
+        let f = frequencies(
+            SamplingParams {
+                temperature: 1.0,
+                ..open.clone()
+            },
+            &logits,
+        );
+        for (got, want) in f.iter().zip([0.644, 0.237, 0.087, 0.032]) {
+            assert!((got - want).abs() < 0.03, "{f:?}");
+        }
+        // Temperature 0.5 doubles the gaps: 0.865, 0.117, 0.016, 0.002.
+        let f = frequencies(
+            SamplingParams {
+                temperature: 0.5,
+                ..open.clone()
+            },
+            &logits,
+        );
+        assert!((f[0] - 0.865).abs() < 0.03 && (f[1] - 0.117).abs() < 0.03, "{f:?}");
+        // top-k 2 at temperature 1: 0.731, 0.269, and never the others.
+        let f = frequencies(
+            SamplingParams {
+                top_k: 2,
+                temperature: 1.0,
+                ..open
+            },
+            &logits,
+        );
+        assert!((f[0] - 0.731).abs() < 0.03 && (f[1] - 0.269).abs() < 0.03, "{f:?}");
+        assert_eq!(f[2] + f[3], 0.0, "{f:?}");
+    }
 }

@@ -691,3 +691,94 @@ fn device_cuda_without_a_driver_is_a_clear_error() {
         stderr(&o)
     );
 }
+
+/// The generation flags of `run`, on the built-in model: `-f` reads the prompt, the
+/// `--max-tokens`/`--temperature` aliases, `-s` seeds sampling, `--stop` ends the text before
+/// a string, `-sys` reaches a conversation's prompt, `--verbose` prints the timings.
+#[test]
+fn run_flags_do_what_they_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "MACBETH.\nIf it were done when 'tis done, then 'twere well";
+    let ids = |o: &Output| -> Vec<u64> {
+        assert!(o.status.success(), "{}", stderr(o));
+        serde_json::from_str(stderr(o).lines().last().unwrap()).unwrap()
+    };
+    let greedy = ["-n", "12", "--temp", "0", "--ignore-eos", "--output-ids"];
+    let from_p = ids(&bitnetc(&[&["run", "-p", prompt][..], &greedy].concat()));
+    assert_eq!(from_p.len(), 12);
+    let file = dir.path().join("prompt.txt");
+    std::fs::write(&file, prompt).unwrap();
+    let f = file.to_str().unwrap();
+    assert_eq!(
+        ids(&bitnetc(&[&["run", "-f", f][..], &greedy].concat())),
+        from_p
+    );
+    let aliases = [
+        "run",
+        "-p",
+        prompt,
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--output-ids",
+    ];
+    assert_eq!(ids(&bitnetc(&aliases)), from_p);
+
+    let sampled = |seed: &str| {
+        let args = ["run", "-p", prompt, "-n", "16", "--temp", "0.9", "-s", seed];
+        ids(&bitnetc(
+            &[&args[..], &["--ignore-eos", "--output-ids"]].concat(),
+        ))
+    };
+    assert_eq!(sampled("7"), sampled("7"));
+    assert_ne!(sampled("7"), sampled("8"));
+
+    // The greedy text is ".\n\nPOINS.\nI'll be sworn, …": stopping at "sworn" keeps what
+    // comes before it.
+    let o = bitnetc(&[
+        "run",
+        "-p",
+        prompt,
+        "-n",
+        "32",
+        "--temp",
+        "0",
+        "--no-display-prompt",
+        "--stop",
+        "sworn",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim_end_matches('\n'), ".\n\nPOINS.\nI'll be ");
+
+    let prompt_tokens = |o: &Output| -> usize {
+        assert!(o.status.success(), "{}", stderr(o));
+        let line = stderr(o)
+            .lines()
+            .find(|l| l.starts_with("prompt eval"))
+            .unwrap_or_else(|| panic!("no timings in {}", stderr(o)))
+            .to_string();
+        line.split('/')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let chat = [
+        "run", "-cnv", "-p", "Speak.", "-n", "1", "--temp", "0", "-v",
+    ];
+    let plain = bitnetc(&chat);
+    for label in ["load time", "prompt eval", "generation", "seed"] {
+        assert!(
+            stderr(&plain).contains(label),
+            "{label}: {}",
+            stderr(&plain)
+        );
+    }
+    let with_system = bitnetc(&[&chat[..], &["-sys", "Thou art a herald."]].concat());
+    assert!(prompt_tokens(&with_system) > prompt_tokens(&plain));
+}
