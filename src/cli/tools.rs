@@ -75,6 +75,17 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         None => PassManager::default_pipeline(&pass_config),
     };
     if a.emit == Emit::Ir {
+        if a.passes.is_some()
+            || !a.print_after.is_empty()
+            || a.stop_after.is_some()
+            || a.time_passes
+        {
+            return Err(
+                "--emit ir prints the graph as lowered, before any pass; --passes, \
+                        --print-after, --stop-after and --time-passes apply to --emit fused or plan"
+                    .into(),
+            );
+        }
         print!("{}", bitnetc::ir::text::print(&graph)?);
         return Ok(());
     }

@@ -372,6 +372,29 @@ fn tokenize_prints_ids_and_pieces() {
         "{}",
         stdout(&o)
     );
+    // bitnet.cpp's file names no pre-tokenizer (DEFAULT rules); `--pre-tokenizer gpt-2` gives
+    // llama.cpp's ids for the same vocabulary under gpt-2 rules (tokenize-mainline.jsonl).
+    let text = "don't we'll they're I'm you've she'd it's";
+    let o = bitnetc(&["tokenize", "-m", m, "-p", text, "--ids", "--no-bos"]);
+    assert_eq!(
+        stdout(&o),
+        "[69,267,8,85,312,70,8,1538,912,8,276,393,8,78,516,8,474,538,70,8,69,358,8,84]\n"
+    );
+    let o = bitnetc(&[
+        "tokenize",
+        "-m",
+        m,
+        "-p",
+        text,
+        "--ids",
+        "--no-bos",
+        "--pre-tokenizer",
+        "gpt-2",
+    ]);
+    assert_eq!(
+        stdout(&o),
+        "[69,267,8,85,312,70,8,1538,912,8,276,393,8,78,516,8,474,538,70,8,69,358,1450]\n"
+    );
     let o = bitnetc(&[
         "tokenize",
         "-m",
@@ -519,6 +542,13 @@ fn compile_runs_named_passes_and_prints_stages() {
         stdout(&o).starts_with("# 55 steps, 34 weight buffers; arena 9216 bytes per token"),
         "{}",
         stdout(&o)
+    );
+    let o = bitnetc(&["compile", m, "--emit", "ir", "--time-passes"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--emit ir prints the graph as lowered, before any pass"),
+        "{}",
+        stderr(&o)
     );
     let o = bitnetc(&["compile", m, "--passes", "canonicalize,fuse-everything"]);
     assert_eq!(o.status.code(), Some(1));
