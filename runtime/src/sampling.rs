@@ -308,7 +308,10 @@ mod tests {
             },
             &logits,
         );
-        assert!((f[0] - 0.865).abs() < 0.03 && (f[1] - 0.117).abs() < 0.03, "{f:?}");
+        assert!(
+            (f[0] - 0.865).abs() < 0.03 && (f[1] - 0.117).abs() < 0.03,
+            "{f:?}"
+        );
         // top-k 2 at temperature 1: 0.731, 0.269, and never the others.
         let f = frequencies(
             SamplingParams {
@@ -318,7 +321,10 @@ mod tests {
             },
             &logits,
         );
-        assert!((f[0] - 0.731).abs() < 0.03 && (f[1] - 0.269).abs() < 0.03, "{f:?}");
+        assert!(
+            (f[0] - 0.731).abs() < 0.03 && (f[1] - 0.269).abs() < 0.03,
+            "{f:?}"
+        );
         assert_eq!(f[2] + f[3], 0.0, "{f:?}");
     }
 }
