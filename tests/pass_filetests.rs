@@ -26,23 +26,35 @@ fn header<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(&format!("# {key}: ")))
 }
 
-#[test]
-fn pass_filetests() {
-    let dir = repo_root().join("tests/passes");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
+/// The `.ir` files of `dir`, sorted.
+fn ir_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "ir"))
         .collect();
     files.sort();
+    files
+}
+
+/// insta settings that keep the snapshots in `dir/snapshots`, named by file.
+fn snapshots_beside(dir: &std::path::Path) -> insta::Settings {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(dir.join("snapshots"));
+    settings.set_prepend_module_to_snapshot(false);
+    settings
+}
+
+#[test]
+fn pass_filetests() {
+    let dir = repo_root().join("tests/passes");
+    let files = ir_files(&dir);
     assert!(
         files.len() >= 9,
         "expected a filetest per pass, found {}",
         files.len()
     );
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(dir.join("snapshots"));
-    settings.set_prepend_module_to_snapshot(false);
+    let settings = snapshots_beside(&dir);
     settings.bind(|| {
         for file in files {
             let name = file.file_stem().unwrap().to_string_lossy().to_string();
@@ -79,20 +91,13 @@ fn pass_filetests() {
 #[test]
 fn memory_plans() {
     let dir = repo_root().join("tests/passes/memory");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "ir"))
-        .collect();
-    files.sort();
+    let files = ir_files(&dir);
     assert!(
         !files.is_empty(),
         "no memory-plan filetests in {}",
         dir.display()
     );
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(dir.join("snapshots"));
-    settings.set_prepend_module_to_snapshot(false);
+    let settings = snapshots_beside(&dir);
     settings.bind(|| {
         for file in files {
             let name = file.file_stem().unwrap().to_string_lossy().to_string();
