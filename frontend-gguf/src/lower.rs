@@ -28,8 +28,10 @@ impl Default for LowerOptions {
 /// (measured against each engine's own outputs on the reference fixtures).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct EngineNumerics {
-    /// Path of F16/BF16 block matrices.
+    /// Path of F16 block matrices.
     block: HalfPath,
+    /// Path of BF16 block matrices.
+    block_bf16: HalfPath,
     /// Path of an F16/BF16 output head.
     head: HalfPath,
     /// Paths of the attention's `Q·K` and `P·V`.
@@ -45,6 +47,7 @@ impl EngineNumerics {
             // permuted (not contiguous), which always sends it through ggml's GEMV.
             Architecture::BitnetB158 | Architecture::Bitnet25 => EngineNumerics {
                 block: HalfPath::Gemm32,
+                block_bf16: HalfPath::Gemm32,
                 head: HalfPath::Gemm32,
                 kq: HalfPath::Gemv,
                 kqv: HalfPath::Gemm32,
@@ -52,8 +55,12 @@ impl EngineNumerics {
             // llama.cpp (mid-2025, x86 with AMX): F16 block matrices live in the AMX buffer,
             // whose kernel keeps activations in F32; the tied output head stays in the CPU
             // buffer, where llamafile multiplies F16 by F16, as it does in the attention.
+            // BF16 matrices are not AMX's: ggml converts the activations to BF16 (and
+            // multiplies in BF16 pairs), which tinyBLAS on BF16-rounded operands follows up to
+            // the accumulation order.
             Architecture::Bitnet | Architecture::Llama => EngineNumerics {
                 block: HalfPath::F32,
+                block_bf16: HalfPath::Gemm16,
                 head: HalfPath::Gemm16,
                 kq: HalfPath::Gemm16,
                 kqv: HalfPath::Gemm16,
@@ -110,7 +117,12 @@ impl Lowering<'_> {
     /// `x · Wᵀ`, times the matrix's `.scale` tensor when the file has one.
     fn linear(&mut self, x: Value, matrix: &str) -> Result<Value, IrError> {
         let w = self.weight(&format!("{matrix}.weight"));
-        let y = self.matmul(x, w, self.numerics.block)?;
+        let half = if self.g.ty(w).dtype == DType::BF16 {
+            self.numerics.block_bf16
+        } else {
+            self.numerics.block
+        };
+        let y = self.matmul(x, w, half)?;
         let scale = format!("{matrix}.scale");
         if self.file.tensor(&scale).is_some() {
             let s = self.weight(&scale);
