@@ -359,7 +359,7 @@ fn bf16_matrices_follow_llama_cpp() {
     use bitnetc::gguf::writer::{GgufWriter, Value};
     use bitnetc::ir::Encoding;
 
-    let f16 = GgufFile::open(&fixture("tiny/mainline-tiny-f16.gguf")).unwrap();
+    let f16 = GgufFile::open(fixture("tiny/mainline-tiny-f16.gguf")).unwrap();
     let mut w = GgufWriter::new();
     for (k, v) in f16.metadata() {
         w.set(k, Value::from(v));
