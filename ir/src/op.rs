@@ -320,33 +320,23 @@ impl Op {
     pub fn infer(&self, operands: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         if self.is_variadic() {
             if operands.len() < 2 {
-                return Err(format!(
-                    "{} takes at least 2 operands, got {}",
-                    self.name(),
-                    operands.len()
-                ));
+                return Err(format!("takes at least 2 operands, got {}", operands.len()));
             }
         } else if operands.len() != self.arity() {
             return Err(format!(
-                "{} takes {} operands, got {}",
-                self.name(),
+                "takes {} operands, got {}",
                 self.arity(),
                 operands.len()
             ));
         }
         let f32_ty = |shape: Vec<Dim>| TensorType::new(DType::F32, shape);
         let expect = |ok: bool, what: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(format!("{}: {what}", self.name()))
-            }
+            if ok { Ok(()) } else { Err(what.to_string()) }
         };
         match self {
-            Op::Input { .. } | Op::Weight { .. } => Err(format!(
-                "{} results are declared, not inferred",
-                self.name()
-            )),
+            Op::Input { .. } | Op::Weight { .. } => {
+                Err("results are declared, not inferred".to_string())
+            }
             Op::Output { .. } => {
                 expect(operands[0].dtype == DType::F32, "output must be f32")?;
                 Ok(Vec::new())

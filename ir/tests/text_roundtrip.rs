@@ -230,3 +230,69 @@ fn verifier_rejects_wrong_types() {
         "{err}"
     );
 }
+
+/// One broken rule per op: each graph parses (the text keeps declared types) and the verifier
+/// names the op and what it expected.
+#[test]
+fn verifier_names_each_ops_rule() {
+    const HEAD: &str = "%0 = input \"tokens\" : i32[T]\n%1 = input \"positions\" : i32[T]\n\
+                        %2 = weight \"e\" : f16[16,64]\n%3 = embed %0, %2 : f32[T,64]\n";
+    let cases: [(&str, &str); 10] = [
+        (
+            "%4 = weight \"g\" : f32[32]\n%5 = rms_norm %3, %4 {eps=1e-5} : f32[T,64]\n",
+            "rms_norm: gain must be float[N] with N the last dim of x",
+        ),
+        (
+            "%4 = weight \"w\" : i2_s[32,48]\n%5, %6 = quant_act %3 : i8[T,64], f32[T]\n\
+             %7 = tmatmul %5, %6, %4 : f32[T,32]\n",
+            "tmatmul: w must be [N,K] with q's K",
+        ),
+        (
+            "%4 = weight \"w\" : f16[32,48]\n%5 = matmul %3, %4 {half=gemv} : f32[T,32]\n",
+            "matmul: w must be [N,K] with x's K",
+        ),
+        (
+            "%4 = reshape %3 : f32[T,2,32]\n\
+             %5 = rope %4, %1 {theta=10000.0, style=norm, dims=64} : f32[T,2,32]\n",
+            "rope: dims must be even and at most the head size",
+        ),
+        (
+            "%4 = reshape %3 : f32[T,2,32]\n%5 = reshape %3 : f32[T,4,16]\n\
+             %6, %7 = kv_append %4, %5 {layer=0, cache=f16} : f16[P+T,2,32], f16[P+T,2,32]\n",
+            "kv_append: v must have k's type",
+        ),
+        (
+            "%4 = reshape %3 : f32[T,3,21]\n",
+            "reshape: the element count must not change",
+        ),
+        (
+            "%4, %5 = split %3 {sizes=[32,16]} : f32[T,32], f32[T,16]\n",
+            "split: sizes must add up to N",
+        ),
+        (
+            "%4 = weight \"w\" : f16[32,64]\n%5 = matmul %3, %4 {half=gemv} : f32[T,32]\n\
+             %6 = add %3, %5 : f32[T,64]\n",
+            "add: b must have a's shape or be [1]",
+        ),
+        (
+            "%4 = weight \"w\" : f16[32,64]\n%5 = matmul %3, %4 {half=gemv} : f32[T,32]\n\
+             %6 = mul %3, %5 : f32[T,64]\n",
+            "mul: b must have a's shape or be [1]",
+        ),
+        (
+            "%4 = reshape %3 : f32[T,2,32]\n\
+             %5, %6 = kv_append %4, %4 {layer=0, cache=f16} : f16[P+T,2,32], f16[P+T,2,32]\n\
+             %7 = reshape %3 : f32[T,4,16]\n\
+             %8 = attention %7, %5, %6 {scale=0.25, kq=gemv, kqv=gemv} : f32[T,4,16]\n",
+            "attention: kc must be [P+T,G,D]",
+        ),
+    ];
+    for (body, expected) in cases {
+        let text = format!("{HEAD}{body}");
+        let g = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let err = verify(&g)
+            .expect_err(&format!("the broken graph verified\n{text}"))
+            .to_string();
+        assert_eq!(err, expected, "{text}");
+    }
+}
