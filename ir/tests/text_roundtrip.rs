@@ -120,7 +120,12 @@ fn build(steps: &[Step]) -> Graph {
                         .unwrap();
                     let rope = Op::Rope {
                         theta: *theta as f32,
-                        style: RopeStyle::Neox,
+                        // Both RoPE styles and both cache types, by the parity of theta.
+                        style: if theta % 2 == 0 {
+                            RopeStyle::Neox
+                        } else {
+                            RopeStyle::Norm
+                        },
                         dims: 32,
                     };
                     let q = g.add1(rope, &[q, positions]).unwrap();
@@ -128,7 +133,11 @@ fn build(steps: &[Step]) -> Graph {
                         .add(
                             Op::KvAppend {
                                 layer,
-                                cache: DType::F16,
+                                cache: if theta % 2 == 0 {
+                                    DType::F16
+                                } else {
+                                    DType::F32
+                                },
                             },
                             &[q, q],
                         )
