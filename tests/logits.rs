@@ -268,6 +268,29 @@ fn f32_kv_cache() {
     }
 }
 
+/// `src` written again with its metadata and each tensor as `edit` gives it: `None` leaves it
+/// out, `Some((type_id, bytes))` keeps it with that ggml type id (bitnet.cpp's table) and data.
+fn rewrite_gguf(
+    src: &bitnetc::gguf::GgufFile,
+    mut edit: impl FnMut(&bitnetc::gguf::TensorInfo, &[u8]) -> Option<(u32, Vec<u8>)>,
+) -> Vec<u8> {
+    use bitnetc::gguf::{GgufWriter, TypeTable, Value};
+    let mut w = GgufWriter::new();
+    for (k, v) in src.metadata() {
+        w.set(k, Value::from(v));
+    }
+    let mut data = Vec::new();
+    for t in src.tensors() {
+        if let Some((type_id, bytes)) = edit(t, src.tensor_data(t)) {
+            w.add_tensor_type_id(&t.name, &t.dims, type_id, TypeTable::BitnetCpp)
+                .unwrap();
+            data.push(bytes);
+        }
+    }
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    w.to_bytes(&refs).unwrap()
+}
+
 /// A model's untied `output.weight` is its head: a synthetic `bitnet` model with an untied
 /// head whose bytes equal `token_embd`'s gives bit for bit the logits of the same model with
 /// the head tied (no `output.weight`), and its own random head gives other logits.
@@ -276,8 +299,6 @@ fn an_untied_output_weight_is_the_head() {
     use bitnetc::gguf::GgufFile;
     use bitnetc::gguf::arch::Architecture;
     use bitnetc::gguf::synth::SynthSpec;
-    use bitnetc::gguf::types::TypeTable;
-    use bitnetc::gguf::writer::{GgufWriter, Value};
     use bitnetc::ir::Encoding;
 
     let spec = SynthSpec {
@@ -286,50 +307,24 @@ fn an_untied_output_weight_is_the_head() {
         ..SynthSpec::tiny(Architecture::Bitnet)
     };
     let untied = GgufFile::from_bytes("untied.gguf", spec.to_bytes().unwrap()).unwrap();
-    // Rewrites the model with `output.weight` replaced (`Some(bytes)`) or left out (`None`).
-    let rewrite = |head: Option<&[u8]>| {
-        let mut w = GgufWriter::new();
-        for (k, v) in untied.metadata() {
-            w.set(k, Value::from(v));
-        }
-        let mut data = Vec::new();
-        for t in untied.tensors() {
-            let bytes = match (t.name.as_str(), head) {
-                ("output.weight", None) => continue,
-                ("output.weight", Some(h)) => h,
-                _ => untied.tensor_data(t),
-            };
-            w.add_tensor_type_id(&t.name, &t.dims, t.type_id, TypeTable::BitnetCpp)
-                .unwrap();
-            data.push(bytes);
-        }
-        w.to_bytes(&data).unwrap()
+    // The model with `output.weight` replaced (`Some(bytes)`) or left out (`None`).
+    let with_head = |head: Option<&[u8]>| {
+        rewrite_gguf(&untied, |t, data| match (t.name.as_str(), head) {
+            ("output.weight", None) => None,
+            ("output.weight", Some(h)) => Some((t.type_id, h.to_vec())),
+            _ => Some((t.type_id, data.to_vec())),
+        })
     };
-    let embd = untied
-        .tensors()
-        .iter()
-        .find(|t| t.name == "token_embd.weight")
-        .unwrap();
+    let data_of = |name: &str| untied.tensor_data(untied.tensor(name).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, bytes: Vec<u8>| {
         let p = dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
         p
     };
-    let same_as_embd = write("same.gguf", rewrite(Some(untied.tensor_data(embd))));
-    let tied = write("tied.gguf", rewrite(None));
-    let own_head = write(
-        "own.gguf",
-        rewrite(Some(
-            untied.tensor_data(
-                untied
-                    .tensors()
-                    .iter()
-                    .find(|t| t.name == "output.weight")
-                    .unwrap(),
-            ),
-        )),
-    );
+    let same_as_embd = write("same.gguf", with_head(Some(data_of("token_embd.weight"))));
+    let tied = write("tied.gguf", with_head(None));
+    let own_head = write("own.gguf", with_head(Some(data_of("output.weight"))));
     let tokens = [0, 5, 9, 200, 31, 7];
     for (engine, options) in engines() {
         let run = |p: &Path| logits(p, options.clone(), &tokens, true).0;
@@ -349,39 +344,31 @@ fn an_untied_output_weight_is_the_head() {
 /// BF16 matrices, against llama.cpp (8846aace, built here without AMX, `tests/fixtures/README.md`)
 /// on the llama.cpp F16 model with every F16 tensor rounded to BF16 (nearest even): position 0
 /// agrees within 1e-5 (2e-6 measured; llama.cpp rounds the activations to BF16 for these
-/// matrices, as we do, where the F32 path differs by 0.08) and the rest within 0.05 (0.033 measured: that build's attention and head paths differ from the
-/// AMX build whose numerics `bitnet` models follow), every argmax equal; both engines, both
-/// modes, against the one-batch reference.
+/// matrices, as we do, where the F32 path differs by 0.08) and the rest within 0.05 (0.033
+/// measured: that build's attention and head paths differ from the AMX build whose numerics
+/// `bitnet` models follow), every argmax equal; both engines, both modes, against the
+/// one-batch reference.
 #[test]
 fn bf16_matrices_follow_llama_cpp() {
     use bitnetc::gguf::GgufFile;
-    use bitnetc::gguf::types::TypeTable;
-    use bitnetc::gguf::writer::{GgufWriter, Value};
+    use bitnetc::gguf::types::id_of;
     use bitnetc::ir::Encoding;
 
     let f16 = GgufFile::open(fixture("tiny/mainline-tiny-f16.gguf")).unwrap();
-    let mut w = GgufWriter::new();
-    for (k, v) in f16.metadata() {
-        w.set(k, Value::from(v));
-    }
-    let mut data: Vec<Vec<u8>> = Vec::new();
-    for t in f16.tensors() {
-        let bytes = f16.tensor_data(t);
-        if t.encoding() == Some(Encoding::F16) {
-            let n = bytes.len() as u64 / 2;
-            let values = Encoding::F16.decode(bytes, n).unwrap();
-            data.push(Encoding::BF16.encode(&values).unwrap());
-            w.add_tensor(&t.name, &t.dims, Encoding::BF16).unwrap();
+    let bf16 = rewrite_gguf(&f16, |t, data| {
+        Some(if t.encoding() == Some(Encoding::F16) {
+            let values = Encoding::F16.decode(data, data.len() as u64 / 2).unwrap();
+            (
+                id_of(Encoding::BF16),
+                Encoding::BF16.encode(&values).unwrap(),
+            )
         } else {
-            data.push(bytes.to_vec());
-            w.add_tensor_type_id(&t.name, &t.dims, t.type_id, TypeTable::Upstream)
-                .unwrap();
-        }
-    }
-    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+            (t.type_id, data.to_vec())
+        })
+    });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny-bf16.gguf");
-    std::fs::write(&path, w.to_bytes(&refs).unwrap()).unwrap();
+    std::fs::write(&path, bf16).unwrap();
 
     let tokens = tiny_tokens();
     let r = npy::read_f32(&fixture("tiny/ref/llamacpp-8846aace-bf16.batch.npy")).unwrap();

@@ -558,34 +558,36 @@ mod tests {
         assert_eq!(config_after(&spec, |_, _| {}).unwrap(), original);
     }
 
+    /// The config of `SynthSpec::tiny(Architecture::BitnetB158)`, field by field.
+    fn tiny_b158_config() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::BitnetB158,
+            name: Some("synthetic-bitnet-b1.58".into()),
+            vocab_size: 384,
+            context_length: 256,
+            hidden: 128,
+            layers: 2,
+            ffn: 256,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+            rope_dims: 32,
+            rope_theta: 500000.0,
+            rope_style: RopeStyle::Neox,
+            rms_eps: 1e-5,
+            ffn_activation: Activation::Relu2,
+            sub_norms: true,
+            tied_output: true,
+            weight_scales: false,
+        }
+    }
+
     #[test]
     fn bitnet_b158_config() {
         let spec = b158();
         let f = GgufFile::from_bytes("b158.gguf", spec.to_bytes().unwrap()).unwrap();
         let c = ModelConfig::from_gguf(&f).unwrap();
-        assert_eq!(
-            c,
-            ModelConfig {
-                architecture: Architecture::BitnetB158,
-                name: Some("synthetic-bitnet-b1.58".into()),
-                vocab_size: 384,
-                context_length: 256,
-                hidden: 128,
-                layers: 2,
-                ffn: 256,
-                heads: 4,
-                kv_heads: 2,
-                head_dim: 32,
-                rope_dims: 32,
-                rope_theta: 500000.0,
-                rope_style: RopeStyle::Neox,
-                rms_eps: 1e-5,
-                ffn_activation: Activation::Relu2,
-                sub_norms: true,
-                tied_output: true,
-                weight_scales: false,
-            }
-        );
+        assert_eq!(c, tiny_b158_config());
         // 384·128 embedding + 128 output norm + 2 × (128·128·2 + 128·64·2 + 128·256·3 +
         // 2·128 norms + 128 + 256 sub-norms).
         assert_eq!(c.parameter_count(), 345_472);
@@ -608,22 +610,10 @@ mod tests {
             ModelConfig {
                 architecture: Architecture::Bitnet,
                 name: Some("synthetic-bitnet".into()),
-                vocab_size: 384,
-                context_length: 256,
-                hidden: 128,
-                layers: 2,
-                ffn: 256,
-                heads: 4,
-                kv_heads: 2,
-                head_dim: 32,
-                rope_dims: 32,
-                rope_theta: 500000.0,
-                rope_style: RopeStyle::Neox,
-                rms_eps: 1e-5,
                 ffn_activation: Activation::Silu,
-                sub_norms: true,
                 tied_output: false,
                 weight_scales: true,
+                ..tiny_b158_config()
             }
         );
         // The b1.58 count plus the 384·128 output head; the scales are not required tensors.
