@@ -12,6 +12,8 @@ use bitnetc::{Backend, LoadOptions, load};
 use bitnetc_tests::{TINY_MODELS, fixture};
 use std::path::Path;
 
+mod cuda_emu;
+
 fn kernels(path: &Path) -> Result<Vec<KernelSpec>, String> {
     let m = load(
         path,
@@ -201,24 +203,8 @@ fn gpu_logits_match_the_cpu_within_tolerance() {
         eprintln!("SKIPPING: no CUDA driver");
         return;
     }
-    let tokens: Vec<u32> = (0..24u32).map(|i| (i * 613 + 7) % 2048).collect();
-    // The fixtures, and llama.cpp's F16 model with its matrices in Q8_0, Q4_0 and Q4_1 and its
-    // embedding (the tied head) in Q8_0.
     let dir = tempfile::tempdir().unwrap();
-    let mut models: Vec<(String, std::path::PathBuf)> = TINY_MODELS
-        .iter()
-        .map(|rel| (rel.to_string(), fixture(rel)))
-        .collect();
-    let f16 = bitnetc::gguf::GgufFile::open(fixture("tiny/mainline-tiny-f16.gguf")).unwrap();
-    for weights in [Encoding::Q8_0, Encoding::Q4_0, Encoding::Q4_1] {
-        let path = dir.path().join(format!("tiny-{weights}.gguf"));
-        let opts = QuantizeOptions {
-            weights,
-            embedding: Encoding::Q8_0,
-        };
-        quantize(&f16, &path, opts, |_, _, _| {}).unwrap();
-        models.push((format!("mainline-tiny-f16 as {weights}"), path));
-    }
+    let models = gpu_models(dir.path());
     let mut ran = 0;
     for (rel, path) in &models {
         let open = |backend| {
@@ -240,14 +226,7 @@ fn gpu_logits_match_the_cpu_within_tolerance() {
         };
         let gpu = cuda(false).unwrap_or_else(|e| panic!("{rel}: {e}"));
         let cpu = open(Backend::default()).unwrap();
-        let run = |m: &bitnetc::Model| {
-            let mut s = m.engine.session();
-            let mut out = s.eval(&tokens[..20]).unwrap();
-            for &t in &tokens[20..] {
-                out.extend(s.eval(&[t]).unwrap());
-            }
-            out
-        };
+        let run = |m: &bitnetc::Model| prefill_and_decode(&m.engine);
         let (g, c) = (run(&gpu), run(&cpu));
         assert_eq!(g.len(), c.len(), "{rel}");
         // The one-token steps ran as a CUDA graph; traced, they run launch by launch, and give
@@ -260,33 +239,117 @@ fn gpu_logits_match_the_cpu_within_tolerance() {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "{rel}: the graph's logits differ from the launches'"
         );
-        let vocab = cpu.engine.vocab_size();
-        let diff = |rows: std::ops::Range<usize>| {
-            g[rows.start * vocab..rows.end * vocab]
-                .iter()
-                .zip(&c[rows.start * vocab..rows.end * vocab])
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-        };
-        let magnitude = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let argmax = |r: &[f32]| (0..r.len()).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap();
-        let agree = (0..tokens.len())
-            .filter(|&t| argmax(&g[t * vocab..][..vocab]) == argmax(&c[t * vocab..][..vocab]))
-            .count();
-        let all = diff(0..tokens.len());
-        eprintln!(
-            "{rel} on {}: max |Δlogit| {all} (position 0: {}, prefill: {}, decode: {}; \
-             logits up to {magnitude}), argmax agrees at {agree}/{}",
-            gpu.engine.device().unwrap_or_default(),
-            diff(0..1),
-            diff(0..20),
-            diff(20..tokens.len()),
-            tokens.len()
-        );
-        assert!(all <= 0.01, "{rel}: {all}");
-        assert!(agree * 10 >= tokens.len() * 9, "{rel}: {agree}");
+        assert_close(rel, &gpu.engine, &g, &c);
         ran += 1;
     }
     assert_eq!(ran, models.len());
+}
+
+/// The tokens of the GPU tests: a prefill of 20 (steps of 16 and 4 with a batch of 16), then
+/// 4 one-token steps.
+const GPU_TOKENS: usize = 24;
+
+/// The fixtures, and llama.cpp's F16 model with its matrices in Q8_0, Q4_0 and Q4_1 and its
+/// embedding (the tied head) in Q8_0 (written into `dir`).
+fn gpu_models(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let mut models: Vec<(String, std::path::PathBuf)> = TINY_MODELS
+        .iter()
+        .map(|rel| (rel.to_string(), fixture(rel)))
+        .collect();
+    let f16 = bitnetc::gguf::GgufFile::open(fixture("tiny/mainline-tiny-f16.gguf")).unwrap();
+    for weights in [Encoding::Q8_0, Encoding::Q4_0, Encoding::Q4_1] {
+        let path = dir.join(format!("tiny-{weights}.gguf"));
+        let opts = QuantizeOptions {
+            weights,
+            embedding: Encoding::Q8_0,
+        };
+        quantize(&f16, &path, opts, |_, _, _| {}).unwrap();
+        models.push((format!("mainline-tiny-f16 as {weights}"), path));
+    }
+    models
+}
+
+/// Every row of logits of [`GPU_TOKENS`] tokens, evaluated as a prefill and decode steps.
+fn prefill_and_decode(engine: &bitnetc::runtime::Engine) -> Vec<f32> {
+    let tokens: Vec<u32> = (0..GPU_TOKENS as u32)
+        .map(|i| (i * 613 + 7) % 2048)
+        .collect();
+    let mut s = engine.session();
+    let mut out = s.eval(&tokens[..20]).unwrap();
+    for &t in &tokens[20..] {
+        out.extend(s.eval(&[t]).unwrap());
+    }
+    out
+}
+
+/// The bound of the GPU tests: max |Δ| ≤ 0.01 and the same argmax at ≥ 90% of positions.
+fn assert_close(rel: &str, gpu: &bitnetc::runtime::Engine, g: &[f32], c: &[f32]) {
+    let vocab = gpu.vocab_size();
+    let diff = |rows: std::ops::Range<usize>| {
+        g[rows.start * vocab..rows.end * vocab]
+            .iter()
+            .zip(&c[rows.start * vocab..rows.end * vocab])
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+    };
+    let magnitude = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let argmax = |r: &[f32]| (0..r.len()).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap();
+    let agree = (0..GPU_TOKENS)
+        .filter(|&t| argmax(&g[t * vocab..][..vocab]) == argmax(&c[t * vocab..][..vocab]))
+        .count();
+    let all = diff(0..GPU_TOKENS);
+    eprintln!(
+        "{rel} on {}: max |Δlogit| {all} (position 0: {}, prefill: {}, decode: {}; \
+         logits up to {magnitude}), argmax agrees at {agree}/{GPU_TOKENS}",
+        gpu.device().unwrap_or_default(),
+        diff(0..1),
+        diff(0..20),
+        diff(20..GPU_TOKENS),
+    );
+    assert!(all <= 0.01, "{rel}: {all}");
+    assert!(agree * 10 >= GPU_TOKENS * 9, "{rel}: {agree}");
+}
+
+/// The GPU executor and every kernel it launches, run on the CPU by the CUDA emulator
+/// (`cuda_emu.h`): every model of the GPU test gives the CPU's logits within the GPU test's
+/// bound. The emulator computes what the CUDA C says with the host's float arithmetic (the
+/// same IEEE operations, f16 conversions to nearest even, fused multiply-adds only where the
+/// code calls `fmaf`), so this checks the kernels' indexing, synchronization and numerics and
+/// the executor's buffers, launches and cache on a machine without a GPU. Needs a C++ compiler
+/// on x86-64; skips without one unless `BITNETC_REQUIRE_CXX=1`.
+#[test]
+fn emulated_gpu_logits_match_the_cpu_within_tolerance() {
+    if !cuda_emu::available() {
+        assert!(
+            std::env::var("BITNETC_REQUIRE_CXX").is_err(),
+            "BITNETC_REQUIRE_CXX is set but no C++ compiler (c++) runs on this x86-64 host"
+        );
+        eprintln!("SKIPPING: the CUDA emulator needs c++ on x86-64");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (rel, path) in gpu_models(dir.path()) {
+        let cpu = load(
+            &path,
+            LoadOptions {
+                context: Some(64),
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        let gpu = bitnetc::runtime::Engine::gpu(
+            cpu.engine.plan().clone(),
+            cpu.engine.weights().clone(),
+            64,
+            16,
+            Box::new(cuda_emu::Emulator::new()),
+            &[],
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let (g, c) = (prefill_and_decode(&gpu), prefill_and_decode(&cpu.engine));
+        assert_eq!(g.len(), c.len(), "{rel}");
+        assert_close(&rel, &gpu, &g, &c);
+    }
 }
 
 /// `compile --target cuda`: the plan carries its kernels as PTX for each architecture asked

@@ -966,16 +966,21 @@ fn float_lit(v: f32) -> String {
     format!("__int_as_float(0x{:08x})", v.to_bits())
 }
 
-/// Helpers every module starts with: f16 conversions (round to nearest even), block
-/// reductions, ggml's `expf`, the activations, the row dots.
-pub const PRELUDE: &str = r#"typedef unsigned char u8;
+/// What every module starts with that only a GPU has: the byte types, `INFINITY`, and f16
+/// conversions (round to nearest even) in PTX. Another target of the CUDA C (a CPU emulation)
+/// provides its own and then takes [`HELPERS`] and the kernels as they are.
+pub const PRIMITIVES: &str = r#"typedef unsigned char u8;
 typedef signed char i8;
 typedef unsigned short u16;
 #define INFINITY __int_as_float(0x7f800000)
 
 __device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-__device__ __forceinline__ float round_f16(float f) { return h2f(f2h(f)); }
+"#;
+
+/// Helpers every module has after [`PRIMITIVES`]: block reductions, ggml's `expf`, the
+/// activations, the row dots.
+pub const HELPERS: &str = r#"__device__ __forceinline__ float round_f16(float f) { return h2f(f2h(f)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -1193,9 +1198,14 @@ __device__ float f32_row_f64(const float* w, const float* x, int k) {
 
 "#;
 
-/// One module: the prelude and each distinct kernel once, in the order given.
+/// One module: [`PRIMITIVES`], then [`kernels`].
 pub fn module(specs: &[KernelSpec]) -> String {
-    let mut s = String::from(PRELUDE);
+    format!("{PRIMITIVES}{}", kernels(specs))
+}
+
+/// [`HELPERS`] and each distinct kernel once, in the order given.
+pub fn kernels(specs: &[KernelSpec]) -> String {
+    let mut s = String::from(HELPERS);
     let mut seen = std::collections::BTreeSet::new();
     for spec in specs {
         if seen.insert(spec.name()) {

@@ -20,6 +20,64 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use std::sync::Arc;
 
+/// One argument of a kernel launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelArg {
+    U64(u64),
+    I64(i64),
+    I32(i32),
+}
+
+/// Where a plan's kernels run: device memory, the module of kernels, launches in order on one
+/// queue. [`Cuda`] is an NVIDIA GPU through the CUDA driver; the executor works the same on
+/// any other implementation (the test suite's runs the CUDA C on the CPU).
+pub trait Device: Send {
+    /// The device's name and architecture.
+    fn name(&self) -> String;
+    /// Makes the kernels of `specs` launchable: from `ptx` (architecture, PTX) when one suits
+    /// the device, or else compiled from [`render::module`].
+    fn load(&mut self, specs: &[KernelSpec], ptx: &[(String, String)]) -> Result<(), GpuError>;
+    /// A loaded kernel, by its name, as a handle for [`Device::launch`].
+    fn function(&mut self, name: &str) -> Result<usize, GpuError>;
+    /// `bytes` of zeroed device memory (at least 16-byte aligned), owned by the device.
+    fn alloc(&mut self, bytes: usize) -> Result<u64, GpuError>;
+    /// Device memory holding `bytes`, owned by the device.
+    fn upload(&mut self, bytes: &[u8]) -> Result<u64, GpuError>;
+    /// Copies `values` to `ptr`, before the launches that follow.
+    fn write_i32(&mut self, ptr: u64, values: &[i32]) -> Result<(), GpuError>;
+    /// Waits for the launches so far, then copies from `ptr` into `out`.
+    fn read_f32(&mut self, ptr: u64, out: &mut [f32]) -> Result<(), GpuError>;
+    /// Waits for the launches so far, then copies from `ptr` into `out`.
+    fn read_i32(&mut self, ptr: u64, out: &mut [i32]) -> Result<(), GpuError>;
+    /// Queues kernel `f` over `grid` blocks of `block` threads.
+    ///
+    /// # Safety
+    /// `args` match the kernel's parameters and point into allocations of this device large
+    /// enough for what the kernel reads and writes.
+    unsafe fn launch(
+        &mut self,
+        f: usize,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[KernelArg],
+    ) -> Result<(), GpuError>;
+    /// Waits for every launch so far.
+    fn synchronize(&mut self) -> Result<(), GpuError>;
+    /// Starts recording the launches that follow into a graph instead of running them; false
+    /// when the device has no graphs (the launches then run as they come).
+    fn begin_capture(&mut self) -> Result<bool, GpuError> {
+        Ok(false)
+    }
+    /// Ends the recording that [`Device::begin_capture`] started.
+    fn end_capture(&mut self) -> Result<(), GpuError> {
+        Ok(())
+    }
+    /// Runs the recorded graph; false when there is none.
+    fn replay(&mut self) -> Result<bool, GpuError> {
+        Ok(false)
+    }
+}
+
 /// What went wrong on the GPU.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -82,7 +140,7 @@ enum Arg {
 }
 
 struct Launch {
-    f: CudaFunction,
+    f: usize,
     /// The kernel's name, for the trace.
     name: String,
     grid: Grid,
@@ -95,11 +153,8 @@ struct Launch {
 
 /// A plan bound to one GPU.
 pub struct CudaExecutor {
-    stream: Arc<CudaStream>,
-    _module: Arc<CudaModule>,
+    dev: Box<dyn Device>,
     launches: Vec<Launch>,
-    /// Owned device memory: weights, activations, cache, scratch.
-    _memory: Vec<CudaSlice<u8>>,
     tokens_ptr: u64,
     positions_ptr: u64,
     logits_ptr: u64,
@@ -108,8 +163,8 @@ pub struct CudaExecutor {
     vocab: usize,
     /// The device's name and compute capability.
     pub device: String,
-    /// The launches of a one-token step, captured once into a CUDA graph and replayed.
-    graph: Option<Graph>,
+    /// Whether the launches of a one-token step have been captured into a graph.
+    captured: bool,
     /// Whether one-token steps run as a graph (`BITNETC_CUDA_GRAPHS=0` turns it off).
     graphs: bool,
     /// Per launch (in order), for one-token steps and for larger ones: calls and time, when
@@ -129,38 +184,72 @@ fn pack_blocks(codes: &[u8]) -> impl Iterator<Item = u32> + '_ {
     })
 }
 
-/// A captured graph. The executor holds it and is used by one thread at a time (it sits in
-/// the engine's mutex); the graph is only launched from there.
+/// A captured graph. The device holds it and is used by one thread at a time (the executor
+/// sits in the engine's mutex); the graph is only launched from there.
 struct Graph(cudarc::driver::CudaGraph);
-// SAFETY: the graph is reached only through `&mut CudaExecutor`, from one thread at a time.
+// SAFETY: the graph is reached only through `&mut Cuda`, from one thread at a time.
 unsafe impl Send for Graph {}
 
-impl CudaExecutor {
-    /// Takes `plan`'s kernels from `ptx` (architecture, PTX: the newest `sm_XY` not newer than
-    /// the device, which the driver compiles for it) or else compiles them with NVRTC for the
-    /// device; uploads the weights, and allocates `capacity` cache positions and room for
-    /// `batch` tokens per step.
-    pub fn new(
-        plan: &Plan,
-        weights: &dyn WeightSource,
-        capacity: usize,
-        batch: usize,
-        ordinal: usize,
-        ptx: &[(String, String)],
-    ) -> Result<CudaExecutor, GpuError> {
+/// An NVIDIA GPU through the CUDA driver: one context, one stream, one module.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Compute capability as `10·major + minor`.
+    cc: i32,
+    name: String,
+    module: Option<Arc<CudaModule>>,
+    functions: Vec<CudaFunction>,
+    /// Owned device memory: weights, activations, cache, scratch.
+    memory: Vec<CudaSlice<u8>>,
+    /// The launches of a one-token step, captured once and replayed.
+    graph: Option<Graph>,
+}
+
+impl Cuda {
+    /// GPU `ordinal`, after checking that the driver library loads.
+    pub fn new(ordinal: usize) -> Result<Cuda, GpuError> {
         if !driver_available() {
             return Err(GpuError::NoDriver);
         }
         let ctx = CudaContext::new(ordinal).map_err(driver)?;
         let (major, minor) = ctx.compute_capability().map_err(driver)?;
-        let device = format!(
+        let name = format!(
             "{} (sm_{major}{minor})",
             ctx.name().unwrap_or_else(|_| "GPU".into())
         );
         // A stream of its own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(driver)?;
-        let specs = bitnetc_codegen_cuda::plan::plan_kernels(plan)?;
-        let cc = major * 10 + minor;
+        Ok(Cuda {
+            ctx,
+            stream,
+            cc: major * 10 + minor,
+            name,
+            module: None,
+            functions: Vec::new(),
+            memory: Vec::new(),
+            graph: None,
+        })
+    }
+
+    fn keep(&mut self, m: CudaSlice<u8>) -> u64 {
+        let p = {
+            let (p, _sync) = m.device_ptr(&self.stream);
+            p
+        };
+        self.memory.push(m);
+        p
+    }
+}
+
+impl Device for Cuda {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// PTX from `ptx`: the newest `sm_XY` not newer than the device, which the driver compiles
+    /// for it; else NVRTC for the device's own architecture (cached).
+    fn load(&mut self, specs: &[KernelSpec], ptx: &[(String, String)]) -> Result<(), GpuError> {
+        let cc = self.cc;
         let ahead = ptx
             .iter()
             .filter_map(|(arch, p)| {
@@ -173,20 +262,162 @@ impl CudaExecutor {
             Some(p) => p,
             None => {
                 bitnetc_codegen_cuda::nvrtc::compile_ptx_cached(
-                    &render::module(&specs),
-                    &format!("sm_{major}{minor}"),
+                    &render::module(specs),
+                    &format!("sm_{cc}"),
                     bitnetc_codegen_cuda::nvrtc::cache_dir().as_deref(),
                 )?
                 .0
             }
         };
-        let module = ctx.load_module(Ptx::from_src(ptx)).map_err(driver)?;
+        self.module = Some(self.ctx.load_module(Ptx::from_src(ptx)).map_err(driver)?);
+        Ok(())
+    }
+
+    fn function(&mut self, name: &str) -> Result<usize, GpuError> {
+        let module = self
+            .module
+            .as_ref()
+            .ok_or_else(|| GpuError::Driver("no module is loaded".into()))?;
+        self.functions
+            .push(module.load_function(name).map_err(driver)?);
+        Ok(self.functions.len() - 1)
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<u64, GpuError> {
+        let m = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(4))
+            .map_err(driver)?;
+        Ok(self.keep(m))
+    }
+
+    fn upload(&mut self, bytes: &[u8]) -> Result<u64, GpuError> {
+        let m = self.stream.clone_htod(bytes).map_err(driver)?;
+        Ok(self.keep(m))
+    }
+
+    fn write_i32(&mut self, ptr: u64, values: &[i32]) -> Result<(), GpuError> {
+        // SAFETY: the executor writes its input buffers, which hold `batch` ≥ values.len()
+        // values; the copy is ordered before the launches that follow on the stream.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(ptr, values, self.stream.cu_stream())
+                .map_err(driver)
+        }
+    }
+
+    fn read_f32(&mut self, ptr: u64, out: &mut [f32]) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(driver)?;
+        // SAFETY: the executor reads its logits buffer, which holds at least `out.len()`
+        // floats.
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, ptr).map_err(driver) }
+    }
+
+    fn read_i32(&mut self, ptr: u64, out: &mut [i32]) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(driver)?;
+        // SAFETY: as `read_f32`, for an integer buffer.
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, ptr).map_err(driver) }
+    }
+
+    unsafe fn launch(
+        &mut self,
+        f: usize,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[KernelArg],
+    ) -> Result<(), GpuError> {
+        let f = self
+            .functions
+            .get(f)
+            .ok_or_else(|| GpuError::Driver(format!("no kernel {f}")))?;
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                KernelArg::U64(p) => builder.arg(p),
+                KernelArg::I64(n) => builder.arg(n),
+                KernelArg::I32(n) => builder.arg(n),
+            };
+        }
+        // SAFETY: the caller's contract.
+        unsafe { builder.launch(cfg) }.map_err(driver)?;
+        Ok(())
+    }
+
+    fn synchronize(&mut self) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(driver)
+    }
+
+    fn begin_capture(&mut self) -> Result<bool, GpuError> {
+        self.stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(driver)?;
+        Ok(true)
+    }
+
+    fn end_capture(&mut self) -> Result<(), GpuError> {
+        let graph = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(driver)?;
+        self.graph = graph.map(Graph);
+        Ok(())
+    }
+
+    fn replay(&mut self) -> Result<bool, GpuError> {
+        match &self.graph {
+            Some(g) => {
+                g.0.launch().map_err(driver)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+impl CudaExecutor {
+    /// GPU `ordinal` through the CUDA driver: see [`CudaExecutor::on`].
+    pub fn new(
+        plan: &Plan,
+        weights: &dyn WeightSource,
+        capacity: usize,
+        batch: usize,
+        ordinal: usize,
+        ptx: &[(String, String)],
+    ) -> Result<CudaExecutor, GpuError> {
+        CudaExecutor::on(
+            Box::new(Cuda::new(ordinal)?),
+            plan,
+            weights,
+            capacity,
+            batch,
+            ptx,
+        )
+    }
+
+    /// Loads `plan`'s kernels on `dev` (from `ptx`, architecture and PTX, when one suits it),
+    /// uploads the weights, and allocates `capacity` cache positions and room for `batch`
+    /// tokens per step.
+    pub fn on(
+        mut dev: Box<dyn Device>,
+        plan: &Plan,
+        weights: &dyn WeightSource,
+        capacity: usize,
+        batch: usize,
+        ptx: &[(String, String)],
+    ) -> Result<CudaExecutor, GpuError> {
+        let specs = bitnetc_codegen_cuda::plan::plan_kernels(plan)?;
+        dev.load(&specs, ptx)?;
+        let device = dev.name();
         let mut b = Builder {
             plan,
             weights,
-            stream: &stream,
-            module: &module,
-            memory: Vec::new(),
+            dev: dev.as_mut(),
             ptrs: vec![0; plan.buffers.len()],
             batch,
             capacity,
@@ -256,14 +487,10 @@ impl CudaExecutor {
                 });
             }
         };
-        let Builder {
-            memory, launches, ..
-        } = b;
+        let launches = b.launches;
         Ok(CudaExecutor {
-            stream,
-            _module: module,
+            dev,
             launches,
-            _memory: memory,
             tokens_ptr,
             positions_ptr,
             logits_ptr: logits,
@@ -271,7 +498,7 @@ impl CudaExecutor {
             capacity,
             vocab,
             device,
-            graph: None,
+            captured: false,
             graphs: std::env::var("BITNETC_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             trace: None,
         })
@@ -333,13 +560,9 @@ impl CudaExecutor {
             } else {
                 self.step(&tokens[at..at + t], pos0 + at, Some(only_last))?;
                 let n = if only_last { 1 } else { t } * self.vocab;
-                let mut host = vec![0f32; n];
-                // SAFETY: the logits buffer holds at least `n` floats.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_sync(&mut host, self.logits_ptr)
-                        .map_err(driver)?
-                };
-                out.extend(host);
+                let at = out.len();
+                out.resize(at + n, 0.0);
+                self.dev.read_f32(self.logits_ptr, &mut out[at..])?;
             }
             at += t;
         }
@@ -352,39 +575,22 @@ impl CudaExecutor {
         let t = tokens.len();
         let ids: Vec<i32> = tokens.iter().map(|&v| v as i32).collect();
         let pos: Vec<i32> = (0..t as i32).map(|i| pos0 as i32 + i).collect();
-        // SAFETY: the input buffers hold `batch` ≥ T values each; the copies are ordered
-        // before the step's launches on the stream.
-        unsafe {
-            let raw = self.stream.cu_stream();
-            cudarc::driver::result::memcpy_htod_async(self.tokens_ptr, &ids, raw)
-                .map_err(driver)?;
-            cudarc::driver::result::memcpy_htod_async(self.positions_ptr, &pos, raw)
-                .map_err(driver)?;
-        }
+        self.dev.write_i32(self.tokens_ptr, &ids)?;
+        self.dev.write_i32(self.positions_ptr, &pos)?;
         if self.trace.is_none() && self.graphs && t == 1 && logits.is_some() {
-            if self.graph.is_none() {
-                self.stream
-                    .begin_capture(
-                        cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-                    )
-                    .map_err(driver)?;
+            if !self.captured && self.dev.begin_capture()? {
                 let enqueued = self.enqueue(1, logits);
-                let graph = self
-                    .stream
-                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
-                    .map_err(driver);
+                let ended = self.dev.end_capture();
                 enqueued?;
-                self.graph = graph?.map(Graph);
+                ended?;
+                self.captured = true;
             }
-            if let Some(g) = &self.graph {
-                g.0.launch().map_err(driver)?;
-                self.stream.synchronize().map_err(driver)?;
-                return Ok(());
+            if self.dev.replay()? {
+                return self.dev.synchronize();
             }
         }
         self.enqueue(t, logits)?;
-        self.stream.synchronize().map_err(driver)?;
-        Ok(())
+        self.dev.synchronize()
     }
 
     /// Puts the launches of a step of `t` tokens on the stream (timing each when tracing).
@@ -403,39 +609,28 @@ impl CudaExecutor {
                 Grid::TokenHeads(h) => (tk as u32, h, 1),
                 Grid::TokenHeadsChunks(h, c) => (tk as u32, h, c),
             };
-            let cfg = LaunchConfig {
-                grid_dim: grid,
-                block_dim: (l.block, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let values: Vec<ArgValue> = l
-                .args
-                .iter()
-                .map(|a| match *a {
-                    Arg::Ptr(p) => ArgValue::U64(p),
-                    Arg::Row(p, row) => ArgValue::U64(if last_only {
+            let mut values = [KernelArg::I32(0); MAX_ARGS];
+            for (v, a) in values.iter_mut().zip(&l.args) {
+                *v = match *a {
+                    Arg::Ptr(p) => KernelArg::U64(p),
+                    Arg::Row(p, row) => KernelArg::U64(if last_only {
                         p + (t as u64 - 1) * row
                     } else {
                         p
                     }),
-                    Arg::Total(n) => ArgValue::I64((tk * n) as i64),
-                    Arg::I32(v) => ArgValue::I32(v),
-                })
-                .collect();
-            let mut builder = self.stream.launch_builder(&l.f);
-            for v in &values {
-                match v {
-                    ArgValue::U64(p) => builder.arg(p),
-                    ArgValue::I64(n) => builder.arg(n),
-                    ArgValue::I32(n) => builder.arg(n),
+                    Arg::Total(n) => KernelArg::I64((tk * n) as i64),
+                    Arg::I32(v) => KernelArg::I32(v),
                 };
             }
             let start = std::time::Instant::now();
             // SAFETY: the arguments match the kernel's signature (render.rs) and point into
             // allocations sized for `batch` tokens and `capacity` positions.
-            unsafe { builder.launch(cfg) }.map_err(driver)?;
+            unsafe {
+                self.dev
+                    .launch(l.f, grid, l.block, &values[..l.args.len()])?
+            };
             if let Some(trace) = &mut self.trace {
-                self.stream.synchronize().map_err(driver)?;
+                self.dev.synchronize()?;
                 let size = usize::from(t > 1);
                 trace[n][size].0 += 1;
                 trace[n][size].1 += start.elapsed();
@@ -445,18 +640,13 @@ impl CudaExecutor {
     }
 }
 
-enum ArgValue {
-    U64(u64),
-    I64(i64),
-    I32(i32),
-}
+/// The most arguments a kernel takes.
+const MAX_ARGS: usize = 12;
 
 struct Builder<'a> {
     plan: &'a Plan,
     weights: &'a dyn WeightSource,
-    stream: &'a Arc<CudaStream>,
-    module: &'a Arc<CudaModule>,
-    memory: Vec<CudaSlice<u8>>,
+    dev: &'a mut dyn Device,
     ptrs: Vec<u64>,
     batch: usize,
     capacity: usize,
@@ -487,7 +677,13 @@ impl Builder<'_> {
         head: bool,
         args: Vec<Arg>,
     ) -> Result<(), GpuError> {
-        let f = self.module.load_function(&name).map_err(driver)?;
+        if args.len() > MAX_ARGS {
+            return Err(GpuError::Driver(format!(
+                "{name} takes {} arguments",
+                args.len()
+            )));
+        }
+        let f = self.dev.function(&name)?;
         self.launches.push(Launch {
             f,
             name,
@@ -780,26 +976,11 @@ impl Builder<'_> {
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<u64, GpuError> {
-        let m = self
-            .stream
-            .alloc_zeros::<u8>(bytes.max(4))
-            .map_err(driver)?;
-        let p = {
-            let (p, _sync) = m.device_ptr(self.stream);
-            p
-        };
-        self.memory.push(m);
-        Ok(p)
+        self.dev.alloc(bytes)
     }
 
     fn upload(&mut self, bytes: &[u8]) -> Result<u64, GpuError> {
-        let m = self.stream.clone_htod(bytes).map_err(driver)?;
-        let p = {
-            let (p, _sync) = m.device_ptr(self.stream);
-            p
-        };
-        self.memory.push(m);
-        Ok(p)
+        self.dev.upload(bytes)
     }
 
     /// Every buffer's device memory: weights uploaded, activations and inputs sized for the

@@ -95,13 +95,28 @@ impl Engine {
         ptx: &[(String, String)],
         trace: bool,
     ) -> Result<Engine, RuntimeError> {
+        let device = cuda::Cuda::new(ordinal).map_err(|e| RuntimeError::Gpu(e.to_string()))?;
+        Engine::gpu(plan, weights, context, batch, Box::new(device), ptx, trace)
+    }
+
+    /// As [`Engine::cuda`], on any [`cuda::Device`].
+    #[cfg(feature = "cuda")]
+    pub fn gpu(
+        plan: Plan,
+        weights: Arc<dyn WeightSource + Send + Sync>,
+        context: usize,
+        batch: usize,
+        device: Box<dyn cuda::Device>,
+        ptx: &[(String, String)],
+        trace: bool,
+    ) -> Result<Engine, RuntimeError> {
         let mut engine = Engine::new(plan, weights, context)?;
-        let mut gpu = cuda::CudaExecutor::new(
+        let mut gpu = cuda::CudaExecutor::on(
+            device,
             &engine.plan,
             engine.weights.as_ref(),
             context,
             batch.max(1),
-            ordinal,
             ptx,
         )
         .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
@@ -170,6 +185,12 @@ impl Engine {
         self.exec.as_ref()
     }
 
+    /// The weights the plan reads.
+    pub fn weights(&self) -> &Arc<dyn WeightSource + Send + Sync> {
+        &self.weights
+    }
+
+    /// The plan this engine runs.
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
