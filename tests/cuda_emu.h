@@ -34,6 +34,7 @@ struct alignas(16) float4 {
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 namespace emu {
 

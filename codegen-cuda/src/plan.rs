@@ -113,12 +113,20 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
                 }
                 match enc {
                     Encoding::I2S => {
+                        // The two kernels, and both in one for one-token steps.
                         out.push(KernelSpec::NormQuant { k, eps: *norm });
                         out.push(KernelSpec::Ternary {
                             k,
                             n,
                             glu: *glu,
                             residual: *residual,
+                        });
+                        out.push(KernelSpec::NormTernary {
+                            k,
+                            n,
+                            glu: *glu,
+                            residual: *residual,
+                            eps: *norm,
                         });
                     }
                     Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1 => {

@@ -21,6 +21,9 @@ pub const TOKEN_THREADS: u32 = 256;
 /// Threads per block of the norm and quantization prologue of a linear layer: one block is a
 /// one-token step's whole prologue, so it takes as many threads as a block can have.
 pub const NORM_THREADS: u32 = 1024;
+/// Output rows per block of [`KernelSpec::NormTernary`]: its prologue is done once per block,
+/// so a block takes several rows per warp.
+pub const FUSED_ROWS: u32 = 16;
 /// Keys per block of the attention's score and value kernels (one thread per key).
 pub const ATTENTION_CHUNK: u32 = 128;
 
@@ -83,6 +86,19 @@ pub enum KernelSpec {
         n: u64,
         glu: Option<Activation>,
         residual: bool,
+    },
+    /// `(const u8* w, const float* x, const float* gain, const float* beta, const float*
+    /// residual, float* out)`; grid `(⌈M/{FUSED_ROWS}⌉, T)`, [`ROW_THREADS`] threads: a
+    /// [`KernelSpec::NormQuant`] and a [`KernelSpec::Ternary`] in one launch, for one-token
+    /// steps (where launches, not bytes, set the time): every block quantizes the token's
+    /// activations into shared memory as `NormQuant` does, then computes its
+    /// [`FUSED_ROWS`] rows as `Ternary` does.
+    NormTernary {
+        k: u64,
+        n: u64,
+        glu: Option<Activation>,
+        residual: bool,
+        eps: Option<f32>,
     },
     /// `(const W* w, const float* x, const float* residual, float* out)`; grid `(⌈M/4⌉, T)`:
     /// F16 (`W = u16`) or F32 rows against f32 activations, one warp per output row. F16 rows
@@ -225,6 +241,7 @@ impl KernelSpec {
     pub fn output_rows(&self) -> Option<u64> {
         match self {
             KernelSpec::Ternary { n, glu, .. }
+            | KernelSpec::NormTernary { n, glu, .. }
             | KernelSpec::TernaryBlocks { n, glu, .. }
             | KernelSpec::QuantRows { n, glu, .. }
             | KernelSpec::FloatRows { n, glu, .. } => Some(if glu.is_some() { n / 2 } else { *n }),
@@ -277,6 +294,20 @@ impl KernelSpec {
                 glu,
                 residual,
             } => format!("ternary_k{k}_n{n}{}", glu_res(glu, *residual)),
+            KernelSpec::NormTernary {
+                k,
+                n,
+                glu,
+                residual,
+                eps,
+            } => format!(
+                "{}_ternary_k{k}_n{n}{}",
+                match eps {
+                    Some(e) => format!("norm_quant_e{:08x}", e.to_bits()),
+                    None => "quant".into(),
+                },
+                glu_res(glu, *residual)
+            ),
             KernelSpec::FloatRows {
                 k,
                 n,
@@ -583,6 +614,49 @@ impl KernelSpec {
                     bt = NORM_THREADS
                 )
             }
+            KernelSpec::NormTernary {
+                k,
+                n,
+                glu,
+                residual,
+                eps,
+            } => {
+                let m = if glu.is_some() { n / 2 } else { *n };
+                let (scale, normed) = match eps {
+                    Some(e) => (
+                        format!(
+                            r#"    double ss = 0.0;
+    for (int i = threadIdx.x; i < {k}; i += blockDim.x) ss += (double)(xt[i] * xt[i]);
+    ss = block_sum_double(ss);
+    const float scale = 1.0f / sqrtf((float)(ss / {k}) + {eps});
+"#,
+                            eps = float_lit(*e)
+                        ),
+                        "((xt[i] * scale) * gain[i])",
+                    ),
+                    None => (String::new(), "xt[i]"),
+                };
+                format!(
+                    r#"extern "C" __global__ void {name}(const u8* w, const float* x, const float* gain, const float* beta, const float* residual, float* out) {{
+    __shared__ __align__(16) i8 qt[{k}];
+    const long t = blockIdx.y;
+    const float* xt = x + t * {k};
+{scale}    float amax = 0.0f;
+    for (int i = threadIdx.x; i < {k}; i += blockDim.x) amax = fmaxf(amax, fabsf({normed}));
+    amax = block_max(amax);
+    const float st = (float)(127.0 / fmax((double)amax, 1e-5));
+    for (int i = threadIdx.x; i < {k}; i += blockDim.x) qt[i] = (i8)min(127, max(-128, __float2int_rn({normed} * st)));
+    __syncthreads();
+    for (int j = threadIdx.x / 32; j < {rows}; j += blockDim.x / 32) {{
+        const int r = blockIdx.x * {rows} + j;
+        if (r >= {m}) break;
+{body}    }}
+}}
+"#,
+                    rows = FUSED_ROWS,
+                    body = ternary_rows_body(*k, m, *glu, *residual, "st", "        ")
+                )
+            }
             KernelSpec::Ternary {
                 k,
                 n,
@@ -590,37 +664,15 @@ impl KernelSpec {
                 residual,
             } => {
                 let m = if glu.is_some() { n / 2 } else { *n };
-                let words = k / 16;
-                let dot = |row: &str| {
-                    format!(
-                        r#"ternary_row(w + (long)({row}) * {rb}, qt, {words})"#,
-                        rb = k / 4
-                    )
-                };
-                let (value, res) = epilogue(*glu, *residual, m, "up");
-                // With a gated activation both rows are read in the same loop.
-                let (sums, up) = if glu.is_some() {
-                    (
-                        format!(
-                            "int sg, su;\n    ternary_rows2(w + (long)r * {rb}, w + (long)(r + {m}) * {rb}, qt, {words}, &sg, &su);",
-                            rb = k / 4
-                        ),
-                        format!("\n    const float up = ((float)su / s[t]) * beta[r + {m}];"),
-                    )
-                } else {
-                    (format!("const int sg = {};", dot("r")), String::new())
-                };
                 format!(
                     r#"extern "C" __global__ void {name}(const u8* w, const i8* q, const float* s, const float* beta, const float* residual, float* out) {{
     const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const long t = blockIdx.y;
     if (r >= {m}) return;
     const i8* qt = q + t * {k};
-    {sums}
-    const float gate = ((float)sg / s[t]) * beta[r];{up}
-    if ((threadIdx.x & 31) == 0) out[t * {m} + r] = {value}{res};
-}}
-"#
+{body}}}
+"#,
+                    body = ternary_rows_body(*k, m, *glu, *residual, "s[t]", "    ")
                 )
             }
             KernelSpec::FloatRows {
@@ -907,6 +959,38 @@ fn attention_groups(d: u64) -> u64 {
 /// Threads per block of the attention's value kernel (a multiple of 32).
 pub fn attention_pv_threads(d: u64) -> u32 {
     ((d / 2).max(1) * attention_groups(d)).next_multiple_of(32) as u32
+}
+
+/// The rows part of the I2_S kernels, for row `r` of token `t` against the codes `qt` with
+/// scale `s` (an expression), each line indented by `ind`: the exact dot (gate and up rows in
+/// one loop with a gated activation), bitnet.cpp's epilogue `((f32)S / s)·β`, and lane 0
+/// writing the row.
+fn ternary_rows_body(
+    k: u64,
+    m: u64,
+    glu: Option<Activation>,
+    residual: bool,
+    s: &str,
+    ind: &str,
+) -> String {
+    let (words, rb) = (k / 16, k / 4);
+    let (value, res) = epilogue(glu, residual, m, "up");
+    let (sums, up) = if glu.is_some() {
+        (
+            format!(
+                "int sg, su;\n{ind}ternary_rows2(w + (long)r * {rb}, w + (long)(r + {m}) * {rb}, qt, {words}, &sg, &su);"
+            ),
+            format!("\n{ind}const float up = ((float)su / {s}) * beta[r + {m}];"),
+        )
+    } else {
+        (
+            format!("const int sg = ternary_row(w + (long)(r) * {rb}, qt, {words});"),
+            String::new(),
+        )
+    };
+    format!(
+        "{ind}{sums}\n{ind}const float gate = ((float)sg / {s}) * beta[r];{up}\n{ind}if ((threadIdx.x & 31) == 0) out[t * {m} + r] = {value}{res};\n"
+    )
 }
 
 /// A rows kernel's output expression for row `r` of token `t`: `gate`, or the activation of

@@ -7,8 +7,11 @@
 
 use crate::exec::LogitRows;
 use bitnetc_codegen_cuda::render::{
-    self, ATTENTION_CHUNK, KernelSpec, NORM_THREADS, ROW_THREADS, TOKEN_THREADS,
+    self, ATTENTION_CHUNK, FUSED_ROWS, KernelSpec, NORM_THREADS, ROW_THREADS, TOKEN_THREADS,
 };
+
+/// Output rows per block of the rows kernels: one per warp.
+const ROWS: u32 = ROW_THREADS / 32;
 use bitnetc_ir::encoding::{Encoding, i2s_scale};
 use bitnetc_ir::interp::WeightSource;
 use bitnetc_ir::op::Op;
@@ -115,10 +118,8 @@ pub fn driver_available() -> bool {
 enum Grid {
     /// `rows` blocks per token (`rows` = tokens × this).
     PerToken(u32),
-    /// `(⌈m/4⌉, T)`.
-    Rows(u64),
-    /// `(⌈m/16⌉, T)`.
-    Rows16(u64),
+    /// `(⌈m/per⌉, T)`: `per` output rows per block.
+    Rows(u64, u32),
     /// `⌈T·n/256⌉` blocks over `T·n` elements.
     Elems(u64),
     /// `(T, heads)`.
@@ -139,8 +140,17 @@ enum Arg {
     I32(i32),
 }
 
+/// Which steps a launch is part of, by their number of tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tokens {
+    Any,
+    One,
+    Several,
+}
+
 struct Launch {
     f: usize,
+    tokens: Tokens,
     /// The kernel's name, for the trace.
     name: String,
     grid: Grid,
@@ -424,6 +434,7 @@ impl CudaExecutor {
             launches: Vec::new(),
             betas: Vec::new(),
             positions: 0,
+            fuse: std::env::var("BITNETC_CUDA_FUSED").map_or(true, |v| v != "0"),
         };
         b.allocate()?;
         // Scratch for the linear prologues: rows of the widest linear input.
@@ -601,10 +612,12 @@ impl CudaExecutor {
                 continue;
             }
             let tk = if last_only { 1 } else { t } as u64;
+            if (l.tokens == Tokens::One && tk != 1) || (l.tokens == Tokens::Several && tk == 1) {
+                continue;
+            }
             let grid = match l.grid {
                 Grid::PerToken(n) => (tk as u32 * n, 1, 1),
-                Grid::Rows(m) => (m.div_ceil(4) as u32, tk as u32, 1),
-                Grid::Rows16(m) => (m.div_ceil(16) as u32, tk as u32, 1),
+                Grid::Rows(m, per) => (m.div_ceil(per as u64) as u32, tk as u32, 1),
                 Grid::Elems(n) => ((tk * n).div_ceil(256) as u32, 1, 1),
                 Grid::TokenHeads(h) => (tk as u32, h, 1),
                 Grid::TokenHeadsChunks(h, c) => (tk as u32, h, c),
@@ -655,6 +668,8 @@ struct Builder<'a> {
     betas: Vec<(BufferId, u64)>,
     /// The positions input (read by the cache append and attention).
     positions: u64,
+    /// Whether one-token steps run the fused forms of linear layers.
+    fuse: bool,
 }
 
 impl Builder<'_> {
@@ -677,6 +692,18 @@ impl Builder<'_> {
         head: bool,
         args: Vec<Arg>,
     ) -> Result<(), GpuError> {
+        self.launch_for(Tokens::Any, name, grid, block, head, args)
+    }
+
+    fn launch_for(
+        &mut self,
+        tokens: Tokens,
+        name: String,
+        grid: Grid,
+        block: u32,
+        head: bool,
+        args: Vec<Arg>,
+    ) -> Result<(), GpuError> {
         if args.len() > MAX_ARGS {
             return Err(GpuError::Driver(format!(
                 "{name} takes {} arguments",
@@ -686,6 +713,7 @@ impl Builder<'_> {
         let f = self.dev.function(&name)?;
         self.launches.push(Launch {
             f,
+            tokens,
             name,
             grid,
             block,
@@ -802,26 +830,28 @@ impl Builder<'_> {
                     (Some(KernelSpec::NormQuant { .. }), KernelSpec::Ternary { .. }) => (
                         (vec![xr, gain, q, s], NORM_THREADS),
                         vec![w_ptr, q, s, scales()?, res, out],
-                        Grid::Rows(m),
+                        Grid::Rows(m, ROWS),
                     ),
                     (Some(KernelSpec::NormQ8 { .. }), KernelSpec::QuantRows { .. }) => (
                         (vec![xr, gain, xn, q, d8, s8], NORM_THREADS),
                         vec![w_ptr, q, d8, s8, res, out],
-                        Grid::Rows16(m),
+                        Grid::Rows(m, 16),
                     ),
                     (Some(KernelSpec::NormQ8K { .. }), KernelSpec::TernaryBlocks { .. }) => (
                         (vec![xr, gain, xn, q, d8], NORM_THREADS),
                         vec![w_ptr, q, d8, scales()?, res, out],
-                        Grid::Rows(m),
+                        Grid::Rows(m, ROWS),
                     ),
                     (Some(KernelSpec::RmsNorm { .. }), KernelSpec::FloatRows { .. }) => (
                         (vec![xr, gain, xn], TOKEN_THREADS),
                         vec![w_ptr, xn, res, out],
-                        Grid::Rows(m),
+                        Grid::Rows(m, ROWS),
                     ),
-                    (None, KernelSpec::FloatRows { .. }) => {
-                        ((Vec::new(), 0), vec![w_ptr, xr, res, out], Grid::Rows(m))
-                    }
+                    (None, KernelSpec::FloatRows { .. }) => (
+                        (Vec::new(), 0),
+                        vec![w_ptr, xr, res, out],
+                        Grid::Rows(m, ROWS),
+                    ),
                     (p, r) => {
                         return Err(err(format!(
                             "unexpected kernels {} and {}",
@@ -830,10 +860,29 @@ impl Builder<'_> {
                         )));
                     }
                 };
+                // I2_S rows come with their one-token form (prologue and rows in one kernel).
+                let fused = match &rows {
+                    KernelSpec::Ternary { .. } => match next()? {
+                        f @ KernelSpec::NormTernary { .. } => Some(f),
+                        f => return Err(err(format!("expected norm_ternary, got {}", f.name()))),
+                    },
+                    _ => None,
+                };
+                let several = match fused {
+                    Some(f) if self.fuse => {
+                        let args = vec![w_ptr, xr, gain, scales()?, res, out];
+                        let grid = Grid::Rows(m, FUSED_ROWS);
+                        self.launch_for(Tokens::One, f.name(), grid, ROW_THREADS, head, args)?;
+                        Tokens::Several
+                    }
+                    _ => Tokens::Any,
+                };
                 if let Some(p) = &prologue {
-                    self.launch(p, Grid::PerToken(1), before.1, head, before.0)?;
+                    let (args, threads) = before;
+                    self.launch_for(several, p.name(), Grid::PerToken(1), threads, head, args)?;
                 }
-                self.launch(&rows, grid, ROW_THREADS, head, rows_args)?;
+                let name = rows.name();
+                self.launch_for(several, name, grid, ROW_THREADS, head, rows_args)?;
             }
             Op::Mul | Op::Add | Op::Act { .. } => {
                 let spec = next()?;
