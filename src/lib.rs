@@ -122,14 +122,13 @@ pub enum Backend {
     Compiled(runtime::exec::ExecOptions),
     /// The reference interpreter (one thread; the ground truth the kernels are tested against).
     Interpreter,
-    /// An NVIDIA GPU (the `cuda` feature): kernels compiled by NVRTC for it, steps of at most
-    /// `batch` tokens, one session at a time; `trace` times every kernel launch (see
-    /// [`runtime::Engine::gpu_trace`]).
+    /// An NVIDIA GPU (the `cuda` feature): kernels compiled by NVRTC for it, one session at
+    /// a time; the options set the step size, the output projection's encoding and whether
+    /// every kernel launch is timed (see [`runtime::Engine::gpu_trace`]).
     #[cfg(feature = "cuda")]
     Cuda {
         ordinal: usize,
-        batch: usize,
-        trace: bool,
+        options: runtime::cuda::GpuOptions,
     },
 }
 
@@ -261,11 +260,9 @@ fn bind(
         Backend::Compiled(exec) => runtime::Engine::compiled(plan, weights, context, exec)?,
         Backend::Interpreter => runtime::Engine::new(plan, weights, context)?,
         #[cfg(feature = "cuda")]
-        Backend::Cuda {
-            ordinal,
-            batch,
-            trace,
-        } => runtime::Engine::cuda(plan, weights, context, *batch, *ordinal, ptx, *trace)?,
+        Backend::Cuda { ordinal, options } => {
+            runtime::Engine::cuda(plan, weights, context, *ordinal, ptx, options)?
+        }
     };
     let compile_time = compiling.elapsed();
     let meta = TokenizerMeta::from_gguf(&file).map_err(|e| file.model_error(e))?;

@@ -11,7 +11,28 @@ use bitnetc_ir::types::{DType, Dim};
 /// The kernels of every step of `plan`, in step order, then `argmax` over the logits (greedy
 /// decoding on the device).
 pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
+    plan_kernels_with(plan, None)
+}
+
+/// The step that computes the logits (the output projection), if any.
+pub fn head_step(plan: &Plan) -> Option<usize> {
+    let logits = plan.steps.iter().find_map(|s| match &s.op {
+        Op::Output { name } if name == "logits" => s.operands.first().copied(),
+        _ => None,
+    })?;
+    plan.steps
+        .iter()
+        .position(|s| s.results.first() == Some(&logits))
+}
+
+/// As [`plan_kernels`], with the output projection's matrix re-encoded to `head` (Q8_0, Q4_0
+/// or Q4_1) when asked: its kernels are then those of that encoding.
+pub fn plan_kernels_with(
+    plan: &Plan,
+    head: Option<Encoding>,
+) -> Result<Vec<KernelSpec>, CudaError> {
     let mut out = Vec::new();
+    let head_at = head.and(head_step(plan));
     let fusions = qkv_fusions(plan);
     for (i, step) in plan.steps.iter().enumerate() {
         if fusions.iter().any(|f| f.absorbs(i)) {
@@ -56,6 +77,17 @@ pub fn plan_kernels(plan: &Plan) -> Result<Vec<KernelSpec>, CudaError> {
             let enc = dtype(b)?
                 .encoding()
                 .ok_or_else(|| unsupported("the weight has no encoding".into()))?;
+            let enc = match head {
+                Some(h) if head_at == Some(i) => {
+                    if !matches!(h, Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1) {
+                        return Err(unsupported(format!(
+                            "an output projection re-encoded to {h}"
+                        )));
+                    }
+                    h
+                }
+                _ => enc,
+            };
             Ok((enc, fixed(&s, 0)?, fixed(&s, 1)?))
         };
         match &step.op {

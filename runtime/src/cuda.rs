@@ -23,6 +23,28 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use std::sync::Arc;
 
+/// How a plan runs on a GPU.
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    /// The most tokens of one step.
+    pub batch: usize,
+    /// Times every launch (the stream synchronized after each, no graphs).
+    pub trace: bool,
+    /// Re-encodes the output projection's matrix at upload (Q8_0, Q4_0 or Q4_1), as the CPU's
+    /// `lm_head` option does.
+    pub lm_head: Option<Encoding>,
+}
+
+impl Default for GpuOptions {
+    fn default() -> GpuOptions {
+        GpuOptions {
+            batch: 512,
+            trace: false,
+            lm_head: None,
+        }
+    }
+}
+
 /// One argument of a kernel launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelArg {
@@ -396,35 +418,35 @@ impl CudaExecutor {
         plan: &Plan,
         weights: &dyn WeightSource,
         capacity: usize,
-        batch: usize,
         ordinal: usize,
         ptx: &[(String, String)],
+        opts: &GpuOptions,
     ) -> Result<CudaExecutor, GpuError> {
-        CudaExecutor::on(
-            Box::new(Cuda::new(ordinal)?),
-            plan,
-            weights,
-            capacity,
-            batch,
-            ptx,
-        )
+        let dev = Box::new(Cuda::new(ordinal)?);
+        CudaExecutor::on(dev, plan, weights, capacity, ptx, opts)
     }
 
     /// Loads `plan`'s kernels on `dev` (from `ptx`, architecture and PTX, when one suits it),
-    /// uploads the weights, and allocates `capacity` cache positions and room for `batch`
-    /// tokens per step.
+    /// uploads the weights, and allocates `capacity` cache positions and room for
+    /// `opts.batch` tokens per step.
     pub fn on(
         mut dev: Box<dyn Device>,
         plan: &Plan,
         weights: &dyn WeightSource,
         capacity: usize,
-        batch: usize,
         ptx: &[(String, String)],
+        opts: &GpuOptions,
     ) -> Result<CudaExecutor, GpuError> {
-        let specs = bitnetc_codegen_cuda::plan::plan_kernels(plan)?;
+        let batch = opts.batch.max(1);
+        let specs = bitnetc_codegen_cuda::plan::plan_kernels_with(plan, opts.lm_head)?;
         dev.load(&specs, ptx)?;
         let device = dev.name();
+        let head = match (opts.lm_head, bitnetc_codegen_cuda::plan::head_step(plan)) {
+            (Some(e), Some(s)) => plan.steps[s].operands.get(1).map(|&w| (w, e, 0)),
+            _ => None,
+        };
         let mut b = Builder {
+            head,
             plan,
             weights,
             dev: dev.as_mut(),
@@ -499,7 +521,7 @@ impl CudaExecutor {
             }
         };
         let launches = b.launches;
-        Ok(CudaExecutor {
+        let mut exec = CudaExecutor {
             dev,
             launches,
             tokens_ptr,
@@ -512,7 +534,11 @@ impl CudaExecutor {
             captured: false,
             graphs: std::env::var("BITNETC_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             trace: None,
-        })
+        };
+        if opts.trace {
+            exec.enable_trace();
+        }
+        Ok(exec)
     }
 
     /// Times every launch from now on (the stream is synchronized after each, and no graph
@@ -670,6 +696,9 @@ struct Builder<'a> {
     positions: u64,
     /// Whether one-token steps run the fused forms of linear layers.
     fuse: bool,
+    /// The output projection's weight buffer, the encoding it is re-encoded to, and where the
+    /// re-encoded matrix is (once uploaded).
+    head: Option<(BufferId, Encoding, u64)>,
 }
 
 impl Builder<'_> {
@@ -800,7 +829,10 @@ impl Builder<'_> {
                 };
                 let xr = Arg::Row(p(Some(&x))?, row_bytes(x));
                 let out = Arg::Ptr(p(r.first())?);
-                let w_ptr = Arg::Ptr(p(Some(&w))?);
+                let w_ptr = Arg::Ptr(match self.head {
+                    Some((b, _, at)) if b == w && head => at,
+                    _ => p(Some(&w))?,
+                });
                 // A prologue (norm, activation quantization) and the rows after it, or rows.
                 let first = next()?;
                 let (prologue, rows) = if first.output_rows().is_some() {
@@ -1064,6 +1096,35 @@ impl Builder<'_> {
                     self.alloc(self.capacity * per as usize * 2)?
                 }
                 Storage::Weight { parts, .. } => {
+                    // The output projection's matrix re-encoded (and the original too when
+                    // another step, a tied embedding, reads it).
+                    if let Some((b, target, _)) = self.head
+                        && b as usize == i
+                    {
+                        let mut bytes = Vec::new();
+                        for p in parts {
+                            let w =
+                                self.weights
+                                    .weight(&p.name)
+                                    .ok_or_else(|| GpuError::Weight {
+                                        name: p.name.clone(),
+                                        message: "is not in the model".into(),
+                                    })?;
+                            bytes.extend(reencode(&p.name, &w, target)?);
+                        }
+                        let at = self.upload(&bytes)?;
+                        self.head = Some((b, target, at));
+                        let readers = self
+                            .plan
+                            .steps
+                            .iter()
+                            .filter(|s| s.operands.contains(&b))
+                            .count();
+                        if readers == 1 {
+                            self.ptrs[i] = at;
+                            continue;
+                        }
+                    }
                     let mut bytes = Vec::new();
                     let mut betas = Vec::new();
                     for p in parts {
@@ -1120,6 +1181,57 @@ impl Builder<'_> {
         }
         Ok(())
     }
+}
+
+/// A matrix's rows re-encoded to `target` as the CPU's `lm_head` option does (each row
+/// decoded to f32 and encoded again), on every core.
+fn reencode(
+    name: &str,
+    w: &bitnetc_ir::interp::WeightRef<'_>,
+    target: Encoding,
+) -> Result<Vec<u8>, GpuError> {
+    let err = |message: String| GpuError::Weight {
+        name: name.into(),
+        message,
+    };
+    let (rows, k) = match w.shape {
+        [rows, k] => (*rows as usize, *k as usize),
+        s => return Err(err(format!("is not a matrix (shape {s:?})"))),
+    };
+    if !k.is_multiple_of(32) {
+        return Err(err(format!(
+            "rows of {k} cannot be re-encoded in 32-element blocks"
+        )));
+    }
+    let row_out = target.byte_size(k as u64).map_err(|e| err(e.to_string()))? as usize;
+    let (enc, data, n) = (w.encoding, w.bytes, (rows * k) as u64);
+    let mut out = vec![0u8; rows * row_out];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = out
+            .chunks_mut(per * row_out)
+            .enumerate()
+            .map(|(c, chunk)| {
+                scope.spawn(move || -> Result<(), String> {
+                    let mut row = vec![0f32; k];
+                    for (j, dst) in chunk.chunks_mut(row_out).enumerate() {
+                        let start = ((c * per + j) * k) as u64;
+                        enc.decode_range(data, n, start, &mut row)
+                            .map_err(|e| e.to_string())?;
+                        dst.copy_from_slice(&target.encode(&row).map_err(|e| e.to_string())?);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| "a re-encoding thread panicked".to_string())?
+        })
+    })
+    .map_err(err)?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -83,20 +83,20 @@ impl Engine {
 
     /// Checks the plan and binds it to GPU `ordinal`: kernels from `ptx` (architecture, PTX)
     /// when one suits the device, else compiled for it by NVRTC; weights uploaded, a KV cache
-    /// of `context` positions on the device, steps of at most `batch` tokens. One session at a
-    /// time holds the device's cache. `trace` times every launch (no CUDA graphs then).
+    /// of `context` positions on the device, steps of at most `opts.batch` tokens. One session
+    /// at a time holds the device's cache. `opts.trace` times every launch (no CUDA graphs
+    /// then).
     #[cfg(feature = "cuda")]
     pub fn cuda(
         plan: Plan,
         weights: Arc<dyn WeightSource + Send + Sync>,
         context: usize,
-        batch: usize,
         ordinal: usize,
         ptx: &[(String, String)],
-        trace: bool,
+        opts: &cuda::GpuOptions,
     ) -> Result<Engine, RuntimeError> {
         let device = cuda::Cuda::new(ordinal).map_err(|e| RuntimeError::Gpu(e.to_string()))?;
-        Engine::gpu(plan, weights, context, batch, Box::new(device), ptx, trace)
+        Engine::gpu(plan, weights, context, Box::new(device), ptx, opts)
     }
 
     /// As [`Engine::cuda`], on any [`cuda::Device`].
@@ -105,24 +105,20 @@ impl Engine {
         plan: Plan,
         weights: Arc<dyn WeightSource + Send + Sync>,
         context: usize,
-        batch: usize,
         device: Box<dyn cuda::Device>,
         ptx: &[(String, String)],
-        trace: bool,
+        opts: &cuda::GpuOptions,
     ) -> Result<Engine, RuntimeError> {
         let mut engine = Engine::new(plan, weights, context)?;
-        let mut gpu = cuda::CudaExecutor::on(
+        let gpu = cuda::CudaExecutor::on(
             device,
             &engine.plan,
             engine.weights.as_ref(),
             context,
-            batch.max(1),
             ptx,
+            opts,
         )
         .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
-        if trace {
-            gpu.enable_trace();
-        }
         engine.gpu = Some(std::sync::Mutex::new((gpu, None)));
         Ok(engine)
     }

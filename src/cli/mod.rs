@@ -58,11 +58,19 @@ pub enum KernelChoice {
     Lut,
 }
 
+impl LmHead {
+    fn encoding(self) -> bitnetc::ir::encoding::Encoding {
+        match self {
+            LmHead::Q8_0 => bitnetc::ir::encoding::Encoding::Q8_0,
+        }
+    }
+}
+
 impl ExecArgs {
     pub fn backend(&self) -> Result<bitnetc::Backend> {
         if self.device == Device::Cuda {
-            if self.interp || self.lm_head.is_some() {
-                return Err("--device cuda does not combine with --interp or --lm-head".into());
+            if self.interp {
+                return Err("--device cuda does not combine with --interp".into());
             }
             if self.batch_size == 0 {
                 return Err("--batch-size must be at least 1".into());
@@ -70,8 +78,11 @@ impl ExecArgs {
             #[cfg(feature = "cuda")]
             return Ok(bitnetc::Backend::Cuda {
                 ordinal: 0,
-                batch: self.batch_size,
-                trace: self.trace_kernels,
+                options: bitnetc::runtime::cuda::GpuOptions {
+                    batch: self.batch_size,
+                    trace: self.trace_kernels,
+                    lm_head: self.lm_head.map(LmHead::encoding),
+                },
             });
             #[cfg(not(feature = "cuda"))]
             return Err("--device cuda: this bitnetc was built without the `cuda` feature".into());
@@ -94,9 +105,7 @@ impl ExecArgs {
                 },
                 batch: self.batch_size,
                 trace: self.trace_kernels,
-                lm_head: self
-                    .lm_head
-                    .map(|LmHead::Q8_0| bitnetc::ir::encoding::Encoding::Q8_0),
+                lm_head: self.lm_head.map(LmHead::encoding),
                 bindings: None,
             },
         ))
