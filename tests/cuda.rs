@@ -51,7 +51,7 @@ fn the_tiny_i2s_module_renders_as_reviewed() {
     let k = kernels(&fixture("tiny/bitnetcpp-tiny-i2_s.gguf")).unwrap();
     let names: Vec<String> = k.iter().map(KernelSpec::name).collect();
     // The embedding; per layer: norm+quant and the fused QKV (and both in one kernel, for
-    // one-token steps), its split with both RoPEs and the KV append in one kernel, attention
+    // one-token steps, and the rows in tiles of 8 tokens, for several), its split with both RoPEs and the KV append in one kernel, attention
     // (q rounded to f16 always, the probabilities for one-token steps: bitnet.cpp's GEMV and
     // f32 tinyBLAS), norm+quant and the output projection with its residual, norm+quant and
     // gate/up with relu², norm+quant and down with its residual (each also in one kernel);
@@ -60,17 +60,21 @@ fn the_tiny_i2s_module_renders_as_reviewed() {
         "norm_quant_k256_e3727c5ac",
         "ternary_k256_n384",
         "norm_quant_e3727c5ac_ternary_k256_n384",
+        "ternary_t8_k256_n384",
         "qkv_rope_neox_append_f16_h8_g2_d32_r32_t48f42400",
         "attention_f16_h8_g2_d32_s3e3504f3_ra1",
         "norm_quant_k256_e3727c5ac",
         "ternary_k256_n256_res",
         "norm_quant_e3727c5ac_ternary_k256_n256_res",
+        "ternary_t8_k256_n256_res",
         "norm_quant_k256_e3727c5ac",
         "ternary_k256_n1536_glu_relu2",
         "norm_quant_e3727c5ac_ternary_k256_n1536_glu_relu2",
+        "ternary_t8_k256_n1536_glu_relu2",
         "norm_quant_k768_e3727c5ac",
         "ternary_k768_n256_res",
         "norm_quant_e3727c5ac_ternary_k768_n256_res",
+        "ternary_t8_k768_n256_res",
     ];
     assert_eq!(names[0], "embed_f16_h256");
     assert_eq!(names.len(), 1 + 4 * layer.len() + 3, "{names:?}");
@@ -400,8 +404,8 @@ fn emulated_gpu_logits_match_the_cpu_within_tolerance() {
         let (g, c) = (prefill_and_decode(&gpu), prefill_and_decode(&cpu.engine));
         assert_eq!(g.len(), c.len(), "{rel}");
         assert_close(&rel, &gpu, &g, &c, bound);
-        // I2_S layers run as a prologue and rows in steps of several tokens, as one kernel in
-        // one-token steps.
+        // I2_S layers run as a prologue and rows in tiles of tokens in steps of several tokens,
+        // as one kernel in one-token steps.
         let launched: Vec<String> = gpu.gpu_trace().into_iter().map(|e| e.0).collect();
         let has = |prefix: &str, size: &str| {
             launched
@@ -416,7 +420,8 @@ fn emulated_gpu_logits_match_the_cpu_within_tolerance() {
         }
         assert_eq!(has("norm_quant_e", "[1]"), i2s, "{rel}: {launched:?}");
         assert_eq!(has("norm_quant_k", "[T]"), i2s, "{rel}: {launched:?}");
-        assert_eq!(has("ternary_", "[T]"), i2s, "{rel}: {launched:?}");
+        assert_eq!(has("ternary_t8_", "[T]"), i2s, "{rel}: {launched:?}");
+        assert!(!has("ternary_k", "[T]"), "{rel}: {launched:?}");
         assert!(!has("ternary_", "[1]"), "{rel}: {launched:?}");
         assert!(!has("norm_quant_k", "[1]"), "{rel}: {launched:?}");
     }

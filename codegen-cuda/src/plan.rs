@@ -145,7 +145,8 @@ pub fn plan_kernels_with(
                 }
                 match enc {
                     Encoding::I2S => {
-                        // The two kernels, and both in one for one-token steps.
+                        // The two kernels; both in one for one-token steps; the rows in tiles
+                        // of tokens for steps of several.
                         out.push(KernelSpec::NormQuant { k, eps: *norm });
                         out.push(KernelSpec::Ternary {
                             k,
@@ -159,6 +160,12 @@ pub fn plan_kernels_with(
                             glu: *glu,
                             residual: *residual,
                             eps: *norm,
+                        });
+                        out.push(KernelSpec::TernaryTiles {
+                            k,
+                            n,
+                            glu: *glu,
+                            residual: *residual,
                         });
                     }
                     Encoding::Q8_0 | Encoding::Q4_0 | Encoding::Q4_1 => {

@@ -21,6 +21,8 @@ pub const TOKEN_THREADS: u32 = 256;
 /// Threads per block of the norm and quantization prologue of a linear layer: one block is a
 /// one-token step's whole prologue, so it takes as many threads as a block can have.
 pub const NORM_THREADS: u32 = 1024;
+/// Tokens per block of [`KernelSpec::TernaryTiles`].
+pub const TILE_TOKENS: u32 = 8;
 /// Output rows per block of [`KernelSpec::NormTernary`]: its prologue is done once per block,
 /// so a block takes several rows per warp.
 pub const FUSED_ROWS: u32 = 16;
@@ -99,6 +101,19 @@ pub enum KernelSpec {
         glu: Option<Activation>,
         residual: bool,
         eps: Option<f32>,
+    },
+    /// `(const u8* w, const i8* q, const float* s, const float* beta, const float* residual,
+    /// float* out, int tokens)`; grid `(⌈M/R⌉, ⌈T/{TILE_TOKENS}⌉)`, [`ROW_THREADS`] threads,
+    /// `R` = [`KernelSpec::tile_rows`]: a [`KernelSpec::Ternary`] for steps of several
+    /// tokens, each warp holding two weight rows (a gate and an up row, or two output rows)
+    /// against [`TILE_TOKENS`] tokens, so that each weight is read and unpacked once per tile
+    /// of tokens instead of once per token. The same integer sums and epilogue, so the same
+    /// bits.
+    TernaryTiles {
+        k: u64,
+        n: u64,
+        glu: Option<Activation>,
+        residual: bool,
     },
     /// `(const W* w, const float* x, const float* residual, float* out)`; grid `(⌈M/4⌉, T)`:
     /// F16 (`W = u16`) or F32 rows against f32 activations, one warp per output row. F16 rows
@@ -242,9 +257,21 @@ impl KernelSpec {
         match self {
             KernelSpec::Ternary { n, glu, .. }
             | KernelSpec::NormTernary { n, glu, .. }
+            | KernelSpec::TernaryTiles { n, glu, .. }
             | KernelSpec::TernaryBlocks { n, glu, .. }
             | KernelSpec::QuantRows { n, glu, .. }
             | KernelSpec::FloatRows { n, glu, .. } => Some(if glu.is_some() { n / 2 } else { *n }),
+            _ => None,
+        }
+    }
+
+    /// For [`KernelSpec::TernaryTiles`], the output rows of one block: one per warp with a
+    /// gated activation, two without.
+    pub fn tile_rows(&self) -> Option<u32> {
+        match self {
+            KernelSpec::TernaryTiles { glu, .. } => {
+                Some(ROW_THREADS / 32 * if glu.is_some() { 1 } else { 2 })
+            }
             _ => None,
         }
     }
@@ -294,6 +321,15 @@ impl KernelSpec {
                 glu,
                 residual,
             } => format!("ternary_k{k}_n{n}{}", glu_res(glu, *residual)),
+            KernelSpec::TernaryTiles {
+                k,
+                n,
+                glu,
+                residual,
+            } => format!(
+                "ternary_t{TILE_TOKENS}_k{k}_n{n}{}",
+                glu_res(glu, *residual)
+            ),
             KernelSpec::NormTernary {
                 k,
                 n,
@@ -655,6 +691,105 @@ impl KernelSpec {
 "#,
                     rows = FUSED_ROWS,
                     body = ternary_rows_body(*k, m, *glu, *residual, "st", "        ")
+                )
+            }
+            KernelSpec::TernaryTiles {
+                k,
+                n,
+                glu,
+                residual,
+            } => {
+                let m = if glu.is_some() { n / 2 } else { *n };
+                let res = |r: &str| {
+                    if *residual {
+                        format!(" + residual[t * {m} + {r}]")
+                    } else {
+                        String::new()
+                    }
+                };
+                let (rows, store) = match glu {
+                    Some(a) => (
+                        format!(
+                            "const int r0 = warp, w0 = r0, w1 = r0 + {m};
+    if (r0 >= {m}) return;"
+                        ),
+                        format!(
+                            r#"const float gate = ((float)s0 / s[t]) * beta[w0];
+                const float up = ((float)s1 / s[t]) * beta[w1];
+                out[t * {m} + r0] = {act} * up{res0};"#,
+                            act = act_call(*a, "gate"),
+                            res0 = res("r0")
+                        ),
+                    ),
+                    None => (
+                        format!(
+                            "const int r0 = 2 * warp, w0 = r0, w1 = min(r0 + 1, {m} - 1);
+    if (r0 >= {m}) return;"
+                        ),
+                        format!(
+                            r#"out[t * {m} + r0] = ((float)s0 / s[t]) * beta[w0]{res0};
+                if (r0 + 1 < {m}) out[t * {m} + r0 + 1] = ((float)s1 / s[t]) * beta[w1]{res1};"#,
+                            res0 = res("r0"),
+                            res1 = res("r0 + 1")
+                        ),
+                    ),
+                };
+                format!(
+                    r#"extern "C" __global__ void {name}(const u8* w, const i8* q, const float* s, const float* beta, const float* residual, float* out, int tokens) {{
+    const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    {rows}
+    const int t0 = blockIdx.y * {tb};
+    const int nt = min({tb}, tokens - t0);
+    const uint4* p0 = (const uint4*)(w + (long)w0 * {rb});
+    const uint4* p1 = (const uint4*)(w + (long)w1 * {rb});
+    int a0[{tb}], a1[{tb}];
+    #pragma unroll
+    for (int j = 0; j < {tb}; j++) {{ a0[j] = 0; a1[j] = 0; }}
+    for (int u = threadIdx.x & 31; u < {quads}; u += 32) {{
+        const uint4 x0 = p0[u], x1 = p1[u];
+        const int base = (u / 2) * 128 + (u % 2) * 16;
+        #pragma unroll
+        for (int g = 0; g < 4; g++) {{
+            const int sh = 6 - 2 * g;
+            const int c0 = (int)__vsub4((x0.x >> sh) & 0x03030303u, 0x01010101u);
+            const int c1 = (int)__vsub4((x0.y >> sh) & 0x03030303u, 0x01010101u);
+            const int c2 = (int)__vsub4((x0.z >> sh) & 0x03030303u, 0x01010101u);
+            const int c3 = (int)__vsub4((x0.w >> sh) & 0x03030303u, 0x01010101u);
+            const int d0 = (int)__vsub4((x1.x >> sh) & 0x03030303u, 0x01010101u);
+            const int d1 = (int)__vsub4((x1.y >> sh) & 0x03030303u, 0x01010101u);
+            const int d2 = (int)__vsub4((x1.z >> sh) & 0x03030303u, 0x01010101u);
+            const int d3 = (int)__vsub4((x1.w >> sh) & 0x03030303u, 0x01010101u);
+            #pragma unroll
+            for (int j = 0; j < {tb}; j++) {{
+                if (j < nt) {{
+                    const int4 a = *(const int4*)(q + (long)(t0 + j) * {k} + base + 32 * g);
+                    a0[j] = __dp4a(c0, a.x, a0[j]);
+                    a0[j] = __dp4a(c1, a.y, a0[j]);
+                    a0[j] = __dp4a(c2, a.z, a0[j]);
+                    a0[j] = __dp4a(c3, a.w, a0[j]);
+                    a1[j] = __dp4a(d0, a.x, a1[j]);
+                    a1[j] = __dp4a(d1, a.y, a1[j]);
+                    a1[j] = __dp4a(d2, a.z, a1[j]);
+                    a1[j] = __dp4a(d3, a.w, a1[j]);
+                }}
+            }}
+        }}
+    }}
+    #pragma unroll
+    for (int j = 0; j < {tb}; j++) {{
+        if (j < nt) {{
+            const int s0 = warp_sum_int(a0[j]), s1 = warp_sum_int(a1[j]);
+            if ((threadIdx.x & 31) == 0) {{
+                const long t = t0 + j;
+                {store}
+            }}
+        }}
+    }}
+}}
+"#,
+                    tb = TILE_TOKENS,
+                    rb = k / 4,
+                    quads = k / 64
                 )
             }
             KernelSpec::Ternary {

@@ -7,7 +7,8 @@
 
 use crate::exec::LogitRows;
 use bitnetc_codegen_cuda::render::{
-    self, ATTENTION_CHUNK, FUSED_ROWS, KernelSpec, NORM_THREADS, ROW_THREADS, TOKEN_THREADS,
+    self, ATTENTION_CHUNK, FUSED_ROWS, KernelSpec, NORM_THREADS, ROW_THREADS, TILE_TOKENS,
+    TOKEN_THREADS,
 };
 
 /// Output rows per block of the rows kernels: one per warp.
@@ -142,6 +143,8 @@ enum Grid {
     PerToken(u32),
     /// `(⌈m/per⌉, T)`: `per` output rows per block.
     Rows(u64, u32),
+    /// `(⌈m/per⌉, ⌈T/TILE_TOKENS⌉)`: `per` output rows and [`TILE_TOKENS`] tokens per block.
+    Tiles(u64, u32),
     /// `⌈T·n/256⌉` blocks over `T·n` elements.
     Elems(u64),
     /// `(T, heads)`.
@@ -160,6 +163,8 @@ enum Arg {
     Total(u64),
     /// A 32-bit constant.
     I32(i32),
+    /// The step's token count `T`, as a 32-bit integer.
+    Tokens,
 }
 
 /// Which steps a launch is part of, by their number of tokens.
@@ -456,7 +461,7 @@ impl CudaExecutor {
             launches: Vec::new(),
             betas: Vec::new(),
             positions: 0,
-            fuse: std::env::var("BITNETC_CUDA_FUSED").map_or(true, |v| v != "0"),
+            plain: std::env::var("BITNETC_CUDA_PLAIN").is_ok_and(|v| v == "1"),
         };
         b.allocate()?;
         // Scratch for the linear prologues: rows of the widest linear input.
@@ -644,6 +649,11 @@ impl CudaExecutor {
             let grid = match l.grid {
                 Grid::PerToken(n) => (tk as u32 * n, 1, 1),
                 Grid::Rows(m, per) => (m.div_ceil(per as u64) as u32, tk as u32, 1),
+                Grid::Tiles(m, per) => (
+                    m.div_ceil(per as u64) as u32,
+                    tk.div_ceil(TILE_TOKENS as u64) as u32,
+                    1,
+                ),
                 Grid::Elems(n) => ((tk * n).div_ceil(256) as u32, 1, 1),
                 Grid::TokenHeads(h) => (tk as u32, h, 1),
                 Grid::TokenHeadsChunks(h, c) => (tk as u32, h, c),
@@ -659,6 +669,7 @@ impl CudaExecutor {
                     }),
                     Arg::Total(n) => KernelArg::I64((tk * n) as i64),
                     Arg::I32(v) => KernelArg::I32(v),
+                    Arg::Tokens => KernelArg::I32(tk as i32),
                 };
             }
             let start = std::time::Instant::now();
@@ -694,8 +705,10 @@ struct Builder<'a> {
     betas: Vec<(BufferId, u64)>,
     /// The positions input (read by the cache append and attention).
     positions: u64,
-    /// Whether one-token steps run the fused forms of linear layers.
-    fuse: bool,
+    /// Whether I2_S layers run as their prologue and one-row-per-warp rows kernel in every
+    /// step (`BITNETC_CUDA_PLAIN=1`), instead of one fused kernel for one token and token
+    /// tiles for several.
+    plain: bool,
     /// The output projection's weight buffer, the encoding it is re-encoded to, and where the
     /// re-encoded matrix is (once uploaded).
     head: Option<(BufferId, Encoding, u64)>,
@@ -892,29 +905,44 @@ impl Builder<'_> {
                         )));
                     }
                 };
-                // I2_S rows come with their one-token form (prologue and rows in one kernel).
-                let fused = match &rows {
-                    KernelSpec::Ternary { .. } => match next()? {
-                        f @ KernelSpec::NormTernary { .. } => Some(f),
-                        f => return Err(err(format!("expected norm_ternary, got {}", f.name()))),
-                    },
+                // I2_S rows come with their one-token form (prologue and rows in one kernel)
+                // and their form in tiles of tokens.
+                let forms = match &rows {
+                    KernelSpec::Ternary { .. } => {
+                        let (fused, tiles) = (next()?, next()?);
+                        match (&fused, tiles.tile_rows()) {
+                            (KernelSpec::NormTernary { .. }, Some(per)) => {
+                                Some((fused, tiles, per))
+                            }
+                            _ => {
+                                return Err(err(format!(
+                                    "expected the fused and tiled forms of {}, got {} and {}",
+                                    rows.name(),
+                                    fused.name(),
+                                    tiles.name()
+                                )));
+                            }
+                        }
+                    }
                     _ => None,
                 };
-                let several = match fused {
-                    Some(f) if self.fuse => {
-                        let args = vec![w_ptr, xr, gain, scales()?, res, out];
-                        let grid = Grid::Rows(m, FUSED_ROWS);
-                        self.launch_for(Tokens::One, f.name(), grid, ROW_THREADS, head, args)?;
-                        Tokens::Several
-                    }
-                    _ => Tokens::Any,
-                };
-                if let Some(p) = &prologue {
-                    let (args, threads) = before;
-                    self.launch_for(several, p.name(), Grid::PerToken(1), threads, head, args)?;
+                let mut rows = (rows.name(), grid, rows_args, Tokens::Any);
+                if let Some((fused, tiles, per)) = forms
+                    && !self.plain
+                {
+                    let args = vec![w_ptr, xr, gain, scales()?, res, out];
+                    let grid = Grid::Rows(m, FUSED_ROWS);
+                    self.launch_for(Tokens::One, fused.name(), grid, ROW_THREADS, head, args)?;
+                    let mut args = rows.2;
+                    args.push(Arg::Tokens);
+                    rows = (tiles.name(), Grid::Tiles(m, per), args, Tokens::Several);
                 }
-                let name = rows.name();
-                self.launch_for(several, name, grid, ROW_THREADS, head, rows_args)?;
+                let (name, grid, args, tokens) = rows;
+                if let Some(p) = &prologue {
+                    let (before, threads) = before;
+                    self.launch_for(tokens, p.name(), Grid::PerToken(1), threads, head, before)?;
+                }
+                self.launch_for(tokens, name, grid, ROW_THREADS, head, args)?;
             }
             Op::Mul | Op::Add | Op::Act { .. } => {
                 let spec = next()?;
