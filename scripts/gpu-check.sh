@@ -56,8 +56,18 @@ fi
 model=/tmp/bitnetc-2b.gguf
 [ -e "$model" ] || timeout 150 "$dist/bitnetc" gen-model --like bitnet-b1.58-2B-4T -o "$model" >"$logs/gen.log" 2>&1
 timeout 150 "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 128 -r 3 -o md 2>&1 | tee "$logs/bench-gpu.log"
-# Without CUDA graphs, and each kernel's time (launch by launch, synchronized).
-BITNETC_CUDA_GRAPHS=0 timeout 60 "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 128 -r 3 -o md 2>&1 | tail -1 | sed 's/tg128 /tg128 (no graph)/' | tee -a "$logs/bench-gpu.log"
+# The same tests as variants (rows of the table labelled): the head re-encoded to Q8_0; the
+# I2_S layers as plain prologue + one-row-per-warp kernels (no one-token fusion, no token
+# tiles); without CUDA graphs.
+variant() {
+  local label=$1
+  shift
+  timeout 90 "$@" 2>&1 | grep -E '^\| .*(pp512|tg128)' | sed -E "s/(pp512|tg128) \|/\1 ($label) |/" | tee -a "$logs/bench-gpu.log"
+}
+variant "q8_0 head" "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 128 -r 3 -o md --lm-head q8_0
+BITNETC_CUDA_PLAIN=1 variant "plain" "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 128 -r 3 -o md
+BITNETC_CUDA_GRAPHS=0 variant "no graph" "$dist/bitnetc" bench -m "$model" --device cuda -p 0 -n 128 -r 3 -o md
+# Each kernel's time (launch by launch, synchronized).
 timeout 60 "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 32 -r 1 -o md --trace-kernels >"$logs/trace.log" 2>&1
 head -30 "$logs/trace.log"
 timeout 90 "$dist/bitnetc" bench -m "$model" -p 512 -n 32 -r 1 -t "$(nproc)" -o md 2>&1 | tail -3 | tee "$logs/bench-cpu.log"
