@@ -484,3 +484,78 @@ fn a_cuda_plan_carries_ptx_and_still_runs_on_the_cpu() {
         "{e}"
     );
 }
+
+/// On the emulator: a model with the 2B-4T's head size (128) and grouped-query attention of 4
+/// heads on one KV head, with a prompt of 300 tokens in steps of 64 followed by one-token
+/// steps, so that attention runs over several chunks of keys (flash-decoding's per-chunk
+/// maxima and sums, and the last block adding the chunks). Its weights are F16 (random, logits
+/// up to ~25): a model with int8 activations would turn the float sums' last-bit differences
+/// into whole quantization steps here and there (a random I2_S model of these sizes, whose
+/// activations are large, moves logits of ~100 by up to 0.6 that way), which says nothing
+/// about attention. Bound: the GPU test's 0.01.
+#[test]
+fn emulated_gpu_long_prompt_with_2b_heads_matches_the_cpu() {
+    if !cuda_emu::available() {
+        eprintln!("SKIPPING: the CUDA emulator needs c++ on x86-64");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("heads128.gguf");
+    let spec = SynthSpec {
+        hidden: 512,
+        heads: 4,
+        kv_heads: 1,
+        ffn: 1024,
+        vocab: 512,
+        context: 1024,
+        weights: Encoding::F16,
+        ..SynthSpec::tiny(bitnetc::gguf::arch::Architecture::Llama)
+    };
+    spec.write(std::fs::File::create(&path).unwrap()).unwrap();
+    let cpu = load(
+        &path,
+        LoadOptions {
+            context: Some(512),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let gpu = bitnetc::runtime::Engine::gpu(
+        cpu.engine.plan().clone(),
+        cpu.engine.weights().clone(),
+        512,
+        Box::new(cuda_emu::Emulator::new()),
+        &[],
+        &GpuOptions {
+            batch: 64,
+            trace: true,
+            lm_head: None,
+        },
+    )
+    .unwrap();
+    let tokens: Vec<u32> = (0..303u32).map(|i| (i * 37 + 11) % 512).collect();
+    let run = |e: &bitnetc::runtime::Engine| {
+        let mut s = e.session();
+        let mut out = s.eval_last(&tokens[..300]).unwrap();
+        for &t in &tokens[300..] {
+            out.extend(s.eval_last(&[t]).unwrap());
+        }
+        out
+    };
+    let (g, c) = (run(&gpu), run(&cpu.engine));
+    assert_eq!(g.len(), 4 * 512);
+    let diff = g
+        .iter()
+        .zip(&c)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let magnitude = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+    eprintln!("max |Δlogit| {diff} (logits up to {magnitude})");
+    assert!(diff <= 0.01, "{diff}");
+    let launched: Vec<String> = gpu.gpu_trace().into_iter().map(|e| e.0).collect();
+    assert!(
+        launched
+            .iter()
+            .any(|n| n.starts_with("attention_f16_h4_g1_d128_") && n.ends_with("_pv [1]")),
+        "{launched:?}"
+    );
+}
