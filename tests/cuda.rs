@@ -559,3 +559,61 @@ fn emulated_gpu_long_prompt_with_2b_heads_matches_the_cpu() {
         "{launched:?}"
     );
 }
+
+/// On the emulator: the built-in model's greedy continuation through `Session::generate`
+/// equals the 64 greedy ids of its training script (PyTorch, `models/tiny-shakespeare.json`),
+/// as the CPU's does (tests/builtin_model.rs), with each next token picked by the argmax
+/// kernel: nothing but one integer per step is copied back, no logits.
+#[test]
+fn emulated_gpu_greedy_generation_picks_tokens_on_the_device() {
+    use bitnetc::runtime::generate::GenerateOptions;
+    use bitnetc::runtime::sampling::{Sampler, SamplingParams};
+    if !cuda_emu::available() {
+        eprintln!("SKIPPING: the CUDA emulator needs c++ on x86-64");
+        return;
+    }
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(bitnetc_tests::repo_root().join("models/tiny-shakespeare.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        let a = v.as_array().unwrap();
+        a.iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    let want = ids(&record["greedy_ids"]);
+    let cpu = bitnetc::builtin::load(LoadOptions {
+        context: Some(256),
+        ..LoadOptions::default()
+    })
+    .unwrap();
+    let emulator = cuda_emu::Emulator::new();
+    let reads = emulator.reads.clone();
+    let gpu = bitnetc::runtime::Engine::gpu(
+        cpu.engine.plan().clone(),
+        cpu.engine.weights().clone(),
+        256,
+        Box::new(emulator),
+        &[],
+        &GpuOptions::default(),
+    )
+    .unwrap();
+    let t = cpu.tokenizer().unwrap();
+    let prompt = t.encode(record["prompt"].as_str().unwrap(), true, false);
+    let mut session = gpu.session();
+    let options = GenerateOptions {
+        max_tokens: Some(want.len()),
+        ignore_eos: true,
+        stop: Vec::new(),
+    };
+    let sampler = Sampler::new(SamplingParams::greedy());
+    let got: Vec<u32> = session
+        .generate(t, &prompt, sampler, options)
+        .unwrap()
+        .map(|tok| tok.unwrap().id)
+        .collect();
+    assert_eq!(got, want, "{:?}", t.decode(&got, false));
+    // The prompt's pick and 63 more (the 64th token is not evaluated): one integer each.
+    assert_eq!(reads.floats.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(reads.ints.load(std::sync::atomic::Ordering::Relaxed), 64);
+}

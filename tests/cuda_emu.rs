@@ -9,17 +9,27 @@ use bitnetc::runtime::cuda::{Device, GpuError, KernelArg};
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 type Trampoline = unsafe extern "C" fn(*mut *mut c_void);
 type Launch = unsafe extern "C" fn(Trampoline, *mut *mut c_void, u32, u32, u32, u32) -> c_int;
 type ErrorText = unsafe extern "C" fn() -> *const c_char;
 
 pub struct Emulator {
+    /// What the host has read back: floats, and integers (shared with the test).
+    pub reads: std::sync::Arc<Reads>,
     dir: tempfile::TempDir,
     lib: Option<libloading::Library>,
     functions: Vec<Trampoline>,
     /// Device memory: 16-byte aligned host allocations.
     memory: Vec<Vec<u128>>,
+}
+
+/// Counts of values copied from the device.
+#[derive(Default)]
+pub struct Reads {
+    pub floats: AtomicUsize,
+    pub ints: AtomicUsize,
 }
 
 fn err(message: String) -> GpuError {
@@ -64,6 +74,7 @@ fn trampolines(source: &str) -> String {
 impl Emulator {
     pub fn new() -> Emulator {
         Emulator {
+            reads: Default::default(),
             dir: tempfile::tempdir().expect("a temporary folder"),
             lib: None,
             functions: Vec::new(),
@@ -160,12 +171,14 @@ impl Device for Emulator {
     }
 
     fn read_f32(&mut self, ptr: u64, out: &mut [f32]) -> Result<(), GpuError> {
+        self.reads.floats.fetch_add(out.len(), Ordering::Relaxed);
         // SAFETY: as `write_i32`.
         unsafe { std::ptr::copy_nonoverlapping(ptr as *const f32, out.as_mut_ptr(), out.len()) };
         Ok(())
     }
 
     fn read_i32(&mut self, ptr: u64, out: &mut [i32]) -> Result<(), GpuError> {
+        self.reads.ints.fetch_add(out.len(), Ordering::Relaxed);
         // SAFETY: as `write_i32`.
         unsafe { std::ptr::copy_nonoverlapping(ptr as *const i32, out.as_mut_ptr(), out.len()) };
         Ok(())

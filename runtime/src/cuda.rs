@@ -195,6 +195,8 @@ pub struct CudaExecutor {
     tokens_ptr: u64,
     positions_ptr: u64,
     logits_ptr: u64,
+    /// The argmax kernel over the logits of the last token, and its one-integer result.
+    argmax: (usize, u64),
     batch: usize,
     capacity: usize,
     vocab: usize,
@@ -525,6 +527,22 @@ impl CudaExecutor {
                 });
             }
         };
+        let argmax = match kernels.next() {
+            Some(spec @ KernelSpec::Argmax { .. }) => {
+                let f = b.dev.function(&spec.name())?;
+                (f, b.alloc(4)?)
+            }
+            other => {
+                return Err(GpuError::Step {
+                    step: plan.steps.len(),
+                    op: "output",
+                    message: format!(
+                        "expected the argmax kernel last, got {}",
+                        other.map_or("nothing".into(), |k| k.name())
+                    ),
+                });
+            }
+        };
         let launches = b.launches;
         let mut exec = CudaExecutor {
             dev,
@@ -532,6 +550,7 @@ impl CudaExecutor {
             tokens_ptr,
             positions_ptr,
             logits_ptr: logits,
+            argmax,
             batch,
             capacity,
             vocab,
@@ -609,6 +628,27 @@ impl CudaExecutor {
             at += t;
         }
         Ok(out)
+    }
+
+    /// Evaluates `tokens` at positions `pos0..` as [`CudaExecutor::eval`] does for the last
+    /// token's logits, and returns the index of their largest value (the lowest on ties),
+    /// found on the device: only that index is copied back.
+    pub fn eval_argmax(&mut self, tokens: &[u32], pos0: usize) -> Result<u32, GpuError> {
+        let mut at = 0;
+        while at < tokens.len() {
+            let t = (tokens.len() - at).min(self.batch);
+            let last = at + t == tokens.len();
+            self.step(&tokens[at..at + t], pos0 + at, last.then_some(true))?;
+            at += t;
+        }
+        let (f, out) = self.argmax;
+        let args = [KernelArg::U64(self.logits_ptr), KernelArg::U64(out)];
+        // SAFETY: the kernel reads the `vocab` logits of the last token (the head ran for it
+        // alone, at the start of the logits buffer) and writes one integer to `out`.
+        unsafe { self.dev.launch(f, (1, 1, 1), 1024, &args)? };
+        let mut id = [0i32];
+        self.dev.read_i32(out, &mut id)?;
+        Ok(id[0] as u32)
     }
 
     /// One step of `T ≤ batch` tokens; `logits` says whether the head runs, and for the last

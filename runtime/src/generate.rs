@@ -61,12 +61,34 @@ pub struct Generation<'s, 'e> {
     tokenizer: &'s Tokenizer,
     sampler: Sampler,
     options: GenerateOptions,
-    logits: Option<Vec<f32>>,
+    /// What the next token is drawn from: the last logits, or (greedy) the token itself.
+    next: Option<Next>,
     stream: TextStream,
     /// Text held back because it may be the start of a stop string.
     held: String,
     finish: Option<FinishReason>,
     timings: Timings,
+}
+
+/// The result of evaluating a step of generation.
+enum Next {
+    Logits(Vec<f32>),
+    /// A greedy sampler's pick, made where the logits are (on a GPU: only it is copied back).
+    Token(u32),
+}
+
+impl Next {
+    fn eval(
+        session: &mut Session<'_>,
+        tokens: &[u32],
+        sampler: &Sampler,
+    ) -> Result<Next, RuntimeError> {
+        Ok(if sampler.is_greedy() {
+            Next::Token(session.eval_argmax(tokens)?)
+        } else {
+            Next::Logits(session.eval_last(tokens)?)
+        })
+    }
 }
 
 impl<'e> Session<'e> {
@@ -102,7 +124,7 @@ impl<'e> Session<'e> {
         self.rewind(shared);
         let started = Instant::now();
         let fresh = &prompt[shared..];
-        let last = self.eval_last(fresh)?;
+        let next = Next::eval(self, fresh, &sampler)?;
         for &t in prompt {
             sampler.accept(t);
         }
@@ -116,7 +138,7 @@ impl<'e> Session<'e> {
             tokenizer,
             sampler,
             options,
-            logits: Some(last),
+            next: Some(next),
             stream: TextStream::default(),
             held: String::new(),
             finish: None,
@@ -191,8 +213,10 @@ impl Iterator for Generation<'_, '_> {
         if self.finish.is_some() {
             return None;
         }
-        let logits = self.logits.take()?;
-        let id = self.sampler.sample(&logits);
+        let id = match self.next.take()? {
+            Next::Logits(logits) => self.sampler.sample(&logits),
+            Next::Token(id) => id,
+        };
         self.sampler.accept(id);
         self.timings.generated_tokens += 1;
         let eog = self.tokenizer.is_end_of_generation(id);
@@ -219,8 +243,8 @@ impl Iterator for Generation<'_, '_> {
                 self.finish = Some(FinishReason::ContextFull);
             } else {
                 let started = Instant::now();
-                match self.session.eval_last(&[id]) {
-                    Ok(l) => self.logits = Some(l),
+                match Next::eval(self.session, &[id], &self.sampler) {
+                    Ok(n) => self.next = Some(n),
                     Err(e) => return Some(Err(e)),
                 }
                 self.timings.generation_time += started.elapsed();

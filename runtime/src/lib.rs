@@ -318,22 +318,51 @@ impl Session<'_> {
         Some((|| {
             self.check_room(tokens.len())?;
             let mut g = gpu.lock().unwrap_or_else(|e| e.into_inner());
-            if g.1 != Some(self.id) {
-                if !self.history.is_empty() {
-                    return Err(RuntimeError::Gpu(
-                        "another session has used the GPU's KV cache since this one: a GPU \
-                         engine runs one session at a time (reset this one to start over)"
-                            .into(),
-                    ));
-                }
-                g.1 = Some(self.id);
-            }
+            self.claim_gpu(&mut g.1)?;
             let out =
                 g.0.eval(tokens, self.history.len(), rows)
                     .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
             self.history.extend_from_slice(tokens);
             Ok(out)
         })())
+    }
+
+    /// As `eval_gpu` for the last token, returning the most likely next token (found on the
+    /// device).
+    #[cfg(feature = "cuda")]
+    fn argmax_gpu(&mut self, tokens: &[u32]) -> Option<Result<u32, RuntimeError>> {
+        let gpu = self.engine.gpu.as_ref()?;
+        Some((|| {
+            self.check_room(tokens.len())?;
+            let mut g = gpu.lock().unwrap_or_else(|e| e.into_inner());
+            self.claim_gpu(&mut g.1)?;
+            let id =
+                g.0.eval_argmax(tokens, self.history.len())
+                    .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
+            self.history.extend_from_slice(tokens);
+            Ok(id)
+        })())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn argmax_gpu(&mut self, _tokens: &[u32]) -> Option<Result<u32, RuntimeError>> {
+        None
+    }
+
+    /// Makes the GPU's cache this session's, unless another session has used it since.
+    #[cfg(feature = "cuda")]
+    fn claim_gpu(&self, holder: &mut Option<u64>) -> Result<(), RuntimeError> {
+        if *holder != Some(self.id) {
+            if !self.history.is_empty() {
+                return Err(RuntimeError::Gpu(
+                    "another session has used the GPU's KV cache since this one: a GPU \
+                     engine runs one session at a time (reset this one to start over)"
+                        .into(),
+                ));
+            }
+            *holder = Some(self.id);
+        }
+        Ok(())
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -381,6 +410,16 @@ impl Session<'_> {
             self.batcher = Some(batcher.attach());
         }
         Ok(())
+    }
+
+    /// Evaluates `tokens` like [`Session::eval_last`] and returns the index of the largest of
+    /// the last token's logits (the lowest on ties): greedy decoding's next token. On a GPU
+    /// it is found there, and only it is copied back.
+    pub fn eval_argmax(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
+        if let Some(r) = self.argmax_gpu(tokens) {
+            return r;
+        }
+        Ok(sampling::argmax(&self.eval_last(tokens)?))
     }
 
     /// Evaluates `tokens` like [`Session::eval`] and returns the last token's logits only

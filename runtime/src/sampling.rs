@@ -79,6 +79,12 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether the next token is always the largest logit's (temperature 0, no repetition
+    /// penalty): the logits themselves are then not needed, only their argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 && self.params.repeat_penalty == 1.0
+    }
+
     /// Records a token (prompt or generated) for the repetition penalty.
     pub fn accept(&mut self, token: u32) {
         if self.params.repeat_last_n == 0 {
@@ -92,6 +98,9 @@ impl Sampler {
 
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.is_greedy() {
+            return argmax(logits);
+        }
         let p = &self.params;
         let mut logits = logits.to_vec();
         if p.repeat_penalty != 1.0 {
