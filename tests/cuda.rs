@@ -2,16 +2,20 @@
 //! render deterministically (the tiny I2_S model's module is a reviewed snapshot) and compile
 //! to PTX for sm_80 and sm_90 with NVRTC. NVRTC is loaded at run time: without it the PTX test
 //! says so and passes, unless `BITNETC_REQUIRE_NVRTC=1` (as in CI) makes its absence a failure.
+//! The GPU executor runs every model on the GPU, or on a machine without one on the CUDA
+//! emulator (`cuda_emu.h`, needs `c++`; `BITNETC_REQUIRE_CXX=1`, as in CI, makes its absence
+//! a failure), against the CPU's logits.
 
 use bitnetc::codegen_cuda::plan::plan_kernels;
 use bitnetc::codegen_cuda::render::{KernelSpec, module};
 use bitnetc::gguf::quantize::{QuantizeOptions, quantize};
 use bitnetc::gguf::synth::SynthSpec;
 use bitnetc::ir::Encoding;
-use bitnetc::runtime::cuda::GpuOptions;
+use bitnetc::runtime::cuda::{Device, GpuOptions};
 use bitnetc::{Backend, LoadOptions, load};
 use bitnetc_tests::{TINY_MODELS, fixture};
 use std::path::Path;
+use std::sync::Arc;
 
 mod cuda_emu;
 
@@ -278,6 +282,32 @@ fn gpu_logits_match_the_cpu_within_tolerance() {
     assert_eq!(ran, models.len());
 }
 
+/// A device, and the emulator's count of values read back (none on a GPU).
+type TestDevice = (Box<dyn Device>, Option<Arc<cuda_emu::Reads>>);
+
+/// The device the executor tests run on: the GPU when there is a CUDA driver, else the CUDA
+/// emulator (with its count of values read back), else none (the test then skips, unless
+/// `BITNETC_REQUIRE_CXX=1` makes the emulator's absence a failure).
+fn test_device() -> Option<TestDevice> {
+    if bitnetc::runtime::cuda::driver_available() {
+        return Some((
+            Box::new(bitnetc::runtime::cuda::Cuda::new(0).unwrap()),
+            None,
+        ));
+    }
+    if !cuda_emu::available() {
+        assert!(
+            std::env::var("BITNETC_REQUIRE_CXX").is_err(),
+            "BITNETC_REQUIRE_CXX is set but no C++ compiler (c++) runs on this x86-64 host"
+        );
+        eprintln!("SKIPPING: no CUDA driver, and the CUDA emulator needs c++ on x86-64");
+        return None;
+    }
+    let emulator = cuda_emu::Emulator::new();
+    let reads = emulator.reads.clone();
+    Some((Box::new(emulator), Some(reads)))
+}
+
 /// The tokens of the GPU tests: a prefill of 20 (steps of 16 and 4 with a batch of 16), then
 /// 4 one-token steps.
 const GPU_TOKENS: usize = 24;
@@ -342,21 +372,17 @@ fn assert_close(rel: &str, gpu: &bitnetc::runtime::Engine, g: &[f32], c: &[f32],
     assert!(agree * 10 >= GPU_TOKENS * 9, "{rel}: {agree}");
 }
 
-/// The GPU executor and every kernel it launches, run on the CPU by the CUDA emulator
-/// (`cuda_emu.h`): every model of the GPU test gives the CPU's logits within the GPU test's
-/// bound. The emulator computes what the CUDA C says with the host's float arithmetic (the
-/// same IEEE operations, f16 conversions to nearest even, fused multiply-adds only where the
-/// code calls `fmaf`), so this checks the kernels' indexing, synchronization and numerics and
-/// the executor's buffers, launches and cache on a machine without a GPU. Needs a C++ compiler
-/// on x86-64; skips without one unless `BITNETC_REQUIRE_CXX=1`.
+/// The GPU executor and every kernel it launches, on the GPU or else run on the CPU by the
+/// CUDA emulator (`cuda_emu.h`): every model of the GPU test gives the CPU's logits within
+/// the GPU test's bound, with its F16 head or re-encoded to Q8_0. The emulator computes what
+/// the CUDA C says with the host's float arithmetic (the same IEEE operations, f16
+/// conversions to nearest even, fused multiply-adds only where the code calls `fmaf`), so
+/// this checks the kernels' indexing, synchronization and numerics and the executor's
+/// buffers, launches and cache on a machine without a GPU (where it gives the figures an H100
+/// gave, see `gpu_logits_match_the_cpu_within_tolerance`).
 #[test]
-fn emulated_gpu_logits_match_the_cpu_within_tolerance() {
-    if !cuda_emu::available() {
-        assert!(
-            std::env::var("BITNETC_REQUIRE_CXX").is_err(),
-            "BITNETC_REQUIRE_CXX is set but no C++ compiler (c++) runs on this x86-64 host"
-        );
-        eprintln!("SKIPPING: the CUDA emulator needs c++ on x86-64");
+fn device_logits_match_the_cpu_within_tolerance() {
+    if test_device().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -392,7 +418,7 @@ fn emulated_gpu_logits_match_the_cpu_within_tolerance() {
             cpu.engine.plan().clone(),
             cpu.engine.weights().clone(),
             64,
-            Box::new(cuda_emu::Emulator::new()),
+            test_device().unwrap().0,
             &[],
             &GpuOptions {
                 batch: 16,
@@ -485,7 +511,7 @@ fn a_cuda_plan_carries_ptx_and_still_runs_on_the_cpu() {
     );
 }
 
-/// On the emulator: a model with the 2B-4T's head size (128) and grouped-query attention of 4
+/// On the device: a model with the 2B-4T's head size (128) and grouped-query attention of 4
 /// heads on one KV head, with a prompt of 300 tokens in steps of 64 followed by one-token
 /// steps, so that attention runs over several chunks of keys (flash-decoding's per-chunk
 /// maxima and sums, and the last block adding the chunks). Its weights are F16 (random, logits
@@ -494,11 +520,10 @@ fn a_cuda_plan_carries_ptx_and_still_runs_on_the_cpu() {
 /// activations are large, moves logits of ~100 by up to 0.6 that way), which says nothing
 /// about attention. Bound: the GPU test's 0.01.
 #[test]
-fn emulated_gpu_long_prompt_with_2b_heads_matches_the_cpu() {
-    if !cuda_emu::available() {
-        eprintln!("SKIPPING: the CUDA emulator needs c++ on x86-64");
+fn device_long_prompt_with_2b_heads_matches_the_cpu() {
+    let Some((device, _)) = test_device() else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("heads128.gguf");
     let spec = SynthSpec {
@@ -524,7 +549,7 @@ fn emulated_gpu_long_prompt_with_2b_heads_matches_the_cpu() {
         cpu.engine.plan().clone(),
         cpu.engine.weights().clone(),
         512,
-        Box::new(cuda_emu::Emulator::new()),
+        device,
         &[],
         &GpuOptions {
             batch: 64,
@@ -560,18 +585,18 @@ fn emulated_gpu_long_prompt_with_2b_heads_matches_the_cpu() {
     );
 }
 
-/// On the emulator: the built-in model's greedy continuation through `Session::generate`
+/// The built-in model's greedy continuation through `Session::generate` on the device
 /// equals the 64 greedy ids of its training script (PyTorch, `models/tiny-shakespeare.json`),
 /// as the CPU's does (tests/builtin_model.rs), with each next token picked by the argmax
-/// kernel: nothing but one integer per step is copied back, no logits.
+/// kernel: on the emulator, which counts them, nothing but one integer per step is copied
+/// back, no logits.
 #[test]
-fn emulated_gpu_greedy_generation_picks_tokens_on_the_device() {
+fn device_greedy_generation_picks_tokens_on_the_device() {
     use bitnetc::runtime::generate::GenerateOptions;
     use bitnetc::runtime::sampling::{Sampler, SamplingParams};
-    if !cuda_emu::available() {
-        eprintln!("SKIPPING: the CUDA emulator needs c++ on x86-64");
+    let Some((device, reads)) = test_device() else {
         return;
-    }
+    };
     let record: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(bitnetc_tests::repo_root().join("models/tiny-shakespeare.json"))
             .unwrap(),
@@ -587,13 +612,11 @@ fn emulated_gpu_greedy_generation_picks_tokens_on_the_device() {
         ..LoadOptions::default()
     })
     .unwrap();
-    let emulator = cuda_emu::Emulator::new();
-    let reads = emulator.reads.clone();
     let gpu = bitnetc::runtime::Engine::gpu(
         cpu.engine.plan().clone(),
         cpu.engine.weights().clone(),
         256,
-        Box::new(emulator),
+        device,
         &[],
         &GpuOptions::default(),
     )
@@ -614,6 +637,8 @@ fn emulated_gpu_greedy_generation_picks_tokens_on_the_device() {
         .collect();
     assert_eq!(got, want, "{:?}", t.decode(&got, false));
     // The prompt's pick and 63 more (the 64th token is not evaluated): one integer each.
-    assert_eq!(reads.floats.load(std::sync::atomic::Ordering::Relaxed), 0);
-    assert_eq!(reads.ints.load(std::sync::atomic::Ordering::Relaxed), 64);
+    if let Some(reads) = reads {
+        assert_eq!(reads.floats.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(reads.ints.load(std::sync::atomic::Ordering::Relaxed), 64);
+    }
 }
