@@ -57,7 +57,8 @@ fn the_tiny_i2s_module_renders_as_reviewed() {
     // The embedding; per layer: norm+quant and the fused QKV (and both in one kernel, for
     // one-token steps, and the rows in tiles of 8 tokens, for several), its split with both RoPEs and the KV append in one kernel, attention
     // (q rounded to f16 always, the probabilities for one-token steps: bitnet.cpp's GEMV and
-    // f32 tinyBLAS), norm+quant and the output projection with its residual, norm+quant and
+    // f32 tinyBLAS; for one-token steps the split, RoPE and append in its score kernel),
+    // norm+quant and the output projection with its residual, norm+quant and
     // gate/up with relu², norm+quant and down with its residual (each also in one kernel);
     // then the final norm, the head and argmax.
     let layer = [
@@ -67,6 +68,7 @@ fn the_tiny_i2s_module_renders_as_reviewed() {
         "ternary_t8_k256_n384",
         "qkv_rope_neox_append_f16_h8_g2_d32_r32_t48f42400",
         "attention_f16_h8_g2_d32_s3e3504f3_ra1",
+        "qkv_rope_neox_scores_f16_h8_g2_d32_r32_t48f42400_s3e3504f3_ra",
         "norm_quant_k256_e3727c5ac",
         "ternary_k256_n256_res",
         "norm_quant_e3727c5ac_ternary_k256_n256_res",
@@ -450,6 +452,14 @@ fn device_logits_match_the_cpu_within_tolerance() {
         assert!(!has("ternary_k", "[T]"), "{rel}: {launched:?}");
         assert!(!has("ternary_", "[1]"), "{rel}: {launched:?}");
         assert!(!has("norm_quant_k", "[1]"), "{rel}: {launched:?}");
+        // One-token steps rotate, append and score in one kernel.
+        assert!(has("qkv_rope_", "[T]"), "{rel}: {launched:?}");
+        assert!(
+            !launched
+                .iter()
+                .any(|n| n.contains("_append_") && n.ends_with("[1]"))
+        );
+        assert!(has("qkv_rope_", "[1]") && launched.iter().any(|n| n.contains("_scores_f16_")));
     }
 }
 

@@ -266,6 +266,27 @@ pub fn plan_kernels_with(
                     kq: Round::of(*kq),
                     kqv: Round::of(*kqv),
                 });
+                if let Some(f) = fusions.iter().find(|f| f.attention == Some(i))
+                    && let KernelSpec::QkvRopeAppendF16 {
+                        h,
+                        g,
+                        d,
+                        dims,
+                        theta,
+                        style,
+                    } = f.spec
+                {
+                    out.push(KernelSpec::QkvScoresF16 {
+                        h,
+                        g,
+                        d,
+                        dims,
+                        theta,
+                        style,
+                        scale: *scale,
+                        kq: Round::of(*kq),
+                    });
+                }
             }
             Op::Split { sizes } => {
                 let row: u64 = sizes.iter().sum();
@@ -303,6 +324,10 @@ pub struct QkvFusion {
     pub rope_k: usize,
     pub append: usize,
     pub spec: KernelSpec,
+    /// The attention step that alone reads the rotated Q, when the f16 cache the append
+    /// writes is what it reads: one-token steps then do the whole fusion inside attention's
+    /// score kernel ([`KernelSpec::QkvScoresF16`]).
+    pub attention: Option<usize>,
 }
 
 impl QkvFusion {
@@ -395,7 +420,19 @@ pub fn qkv_fusions(plan: &Plan) -> Vec<QkvFusion> {
             if (dk2, dv, g2) != (d, d, g) || sizes.as_slice() != [h * d, g * d, g * d] {
                 return None;
             }
+            let q_out = *plan.steps[rq].results.first()?;
+            let readers: Vec<usize> = consumers.get(q_out as usize)?.clone();
+            let attention = match readers.as_slice() {
+                [a] if matches!(plan.steps[*a].op, Op::Attention { .. })
+                    && plan.steps[*a].operands.first() == Some(&q_out)
+                    && plan.steps[*a].operands.get(1..3) == plan.steps[append].results.get(..2) =>
+                {
+                    Some(*a)
+                }
+                _ => None,
+            };
             Some(QkvFusion {
+                attention,
                 split: i,
                 rope_q: rq,
                 rope_k: rk,

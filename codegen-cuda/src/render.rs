@@ -148,6 +148,24 @@ pub enum KernelSpec {
         theta: f32,
         style: RopeStyle,
     },
+    /// `(const float* qkv, u16* kc, u16* vc, float* sc, float* cmax, const int* pos, int cap,
+    /// int chunks)`; grid `(1, h, chunks)`, [`ATTENTION_CHUNK`] threads: for a one-token step,
+    /// a [`KernelSpec::QkvRopeAppendF16`] and the score kernel of
+    /// [`KernelSpec::AttentionF16`] in one launch. Each block rotates its head's Q itself;
+    /// the block of the chunk that holds the token's position rotates the token's K too and
+    /// meets it from shared memory (as the cache holds it, in f16), and the block of the first
+    /// head of each KV head there writes K and V to the cache for the value kernel and later
+    /// steps. The same scores, bit for bit.
+    QkvScoresF16 {
+        h: u64,
+        g: u64,
+        d: u64,
+        dims: u64,
+        theta: f32,
+        style: RopeStyle,
+        scale: f32,
+        kq: Round,
+    },
     /// `(const float* k, const float* v, u16* kc, u16* vc, const int* pos)`; grid `T`: f16
     /// cache rows at each token's position.
     KvAppendF16 { g: u64, d: u64 },
@@ -393,6 +411,25 @@ impl KernelSpec {
                     RopeStyle::Norm => "norm",
                 },
                 theta.to_bits()
+            ),
+            KernelSpec::QkvScoresF16 {
+                h,
+                g,
+                d,
+                dims,
+                theta,
+                style,
+                scale,
+                kq,
+            } => format!(
+                "qkv_rope_{}_scores_f16_h{h}_g{g}_d{d}_r{dims}_t{:08x}_s{:08x}_r{}",
+                match style {
+                    RopeStyle::Neox => "neox",
+                    RopeStyle::Norm => "norm",
+                },
+                theta.to_bits(),
+                scale.to_bits(),
+                kq.tag()
             ),
             KernelSpec::AttentionF16 {
                 h,
@@ -900,6 +937,93 @@ impl KernelSpec {
                 row = (h + 2 * g) * d,
                 gd = g * d,
                 rotate = rope_body("x", "y", *dims, *theta, *style)
+            ),
+            KernelSpec::QkvScoresF16 {
+                h,
+                g,
+                d,
+                dims,
+                theta,
+                style,
+                scale,
+                kq,
+            } => format!(
+                r#"extern "C" __global__ void {name}(const float* qkv, u16* kc, u16* vc, float* sc, float* cmax, const int* pos, int cap, int chunks) {{
+    __shared__ float qh[{d}];
+    __shared__ float kr[{d}];
+    const long t = 0;
+    const int head = blockIdx.y, c = blockIdx.z;
+    const int p = pos[t], n = p + 1;
+    if (c * {ch} >= n) {{
+        if (threadIdx.x == 0) cmax[head * chunks + c] = -INFINITY;
+        return;
+    }}
+    const int kvh = head / {group};
+    const float* row = qkv;
+    const bool mine = c == p / {ch};
+    const float* x = row + head * {d};
+    for (int j = threadIdx.x; j < {d}; j += blockDim.x) qh[j] = x[j];
+    if (mine) {{
+        const float* kx = row + ({h} + kvh) * {d};
+        for (int j = threadIdx.x; j < {d}; j += blockDim.x) kr[j] = kx[j];
+    }}
+    __syncthreads();
+{rotate_q}    if (mine) {{
+        const float* kx = row + ({h} + kvh) * {d};
+{rotate_k}    }}
+    __syncthreads();
+    const bool round = {kq};
+    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{
+        if (round) qh[j] = round_f16(qh[j]);
+        if (mine) {{
+            const u16 k16 = f2h(kr[j]);
+            if (head % {group} == 0) {{
+                const long dst = (long)p * {gd} + kvh * {d} + j;
+                kc[dst] = k16;
+                vc[dst] = f2h(row[({h} + {g}) * {d} + kvh * {d} + j]);
+            }}
+            kr[j] = h2f(k16);
+        }}
+    }}
+    __syncthreads();
+    const int j = c * {ch} + threadIdx.x;
+    float s = -INFINITY;
+    if (j < n) {{
+        float acc = 0.0f;
+        if (j == p) {{
+            for (int u = 0; u < {d}; u++) acc = fmaf(qh[u], kr[u], acc);
+        }} else {{
+            const uint4* kp = (const uint4*)(kc + ((long)j * {g} + kvh) * {d});
+            #pragma unroll 4
+            for (int u = 0; u < {d} / 8; u++) {{
+                const uint4 k8 = kp[u];
+                acc = fmaf(qh[8 * u + 0], h2f((u16)(k8.x & 0xffffu)), acc);
+                acc = fmaf(qh[8 * u + 1], h2f((u16)(k8.x >> 16)), acc);
+                acc = fmaf(qh[8 * u + 2], h2f((u16)(k8.y & 0xffffu)), acc);
+                acc = fmaf(qh[8 * u + 3], h2f((u16)(k8.y >> 16)), acc);
+                acc = fmaf(qh[8 * u + 4], h2f((u16)(k8.z & 0xffffu)), acc);
+                acc = fmaf(qh[8 * u + 5], h2f((u16)(k8.z >> 16)), acc);
+                acc = fmaf(qh[8 * u + 6], h2f((u16)(k8.w & 0xffffu)), acc);
+                acc = fmaf(qh[8 * u + 7], h2f((u16)(k8.w >> 16)), acc);
+            }}
+        }}
+        s = acc * {scale};
+        sc[head * cap + j] = s;
+    }}
+    s = block_max(s);
+    if (threadIdx.x == 0) cmax[head * chunks + c] = s;
+}}
+"#,
+                group = h / g,
+                gd = g * d,
+                ch = ATTENTION_CHUNK,
+                scale = float_lit(*scale),
+                kq = kq.cond("1"),
+                rotate_q = rope_body("x", "qh", *dims, *theta, *style),
+                rotate_k = rope_body("kx", "kr", *dims, *theta, *style)
+                    .lines()
+                    .map(|l| format!("    {l}\n"))
+                    .collect::<String>()
             ),
             KernelSpec::KvAppendF16 { g, d } => format!(
                 r#"extern "C" __global__ void {name}(const float* k, const float* v, u16* kc, u16* vc, const int* pos) {{

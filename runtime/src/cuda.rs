@@ -464,6 +464,7 @@ impl CudaExecutor {
             betas: Vec::new(),
             positions: 0,
             plain: std::env::var("BITNETC_CUDA_PLAIN").is_ok_and(|v| v == "1"),
+            fusions: Vec::new(),
         };
         b.allocate()?;
         // Scratch for the linear prologues: rows of the widest linear input.
@@ -498,6 +499,7 @@ impl CudaExecutor {
             _ => None,
         });
         let fusions = bitnetc_codegen_cuda::plan::qkv_fusions(plan);
+        b.fusions = fusions.clone();
         for (i, step) in plan.steps.iter().enumerate() {
             if fusions.iter().any(|f| f.absorbs(i)) {
                 continue;
@@ -745,6 +747,8 @@ struct Builder<'a> {
     betas: Vec<(BufferId, u64)>,
     /// The positions input (read by the cache append and attention).
     positions: u64,
+    /// The plan's fused Q/K/V splits.
+    fusions: Vec<bitnetc_codegen_cuda::plan::QkvFusion>,
     /// Whether I2_S layers run as their prologue and one-row-per-warp rows kernel in every
     /// step (`BITNETC_CUDA_PLAIN=1`), instead of one fused kernel for one token and token
     /// tiles for several.
@@ -1049,7 +1053,31 @@ impl Builder<'_> {
                 let pos = Arg::Ptr(self.positions);
                 let (h, name) = (h as u32, spec.name());
                 let split = Grid::TokenHeadsChunks(h, chunks as u32);
-                self.launch_named(
+                // After a fused Q/K/V split, one-token steps rotate, append and score in one
+                // kernel (the split's launch is then for several tokens only).
+                let qkv_split = self
+                    .fusions
+                    .iter()
+                    .find(|f| f.attention == Some(i))
+                    .map(|f| f.split);
+                let fused = match qkv_split {
+                    Some(at) => {
+                        let f = next()?;
+                        if !matches!(f, KernelSpec::QkvScoresF16 { .. }) {
+                            return Err(err(format!("expected qkv scores, got {}", f.name())));
+                        }
+                        let qkv = p(plan.steps[at].operands.first())?;
+                        (!self.plain).then_some((f, qkv))
+                    }
+                    None => None,
+                };
+                let tokens = if fused.is_some() {
+                    Tokens::Several
+                } else {
+                    Tokens::Any
+                };
+                self.launch_for(
+                    tokens,
                     format!("{name}_scores"),
                     split,
                     ATTENTION_CHUNK,
@@ -1064,6 +1092,20 @@ impl Builder<'_> {
                         nc,
                     ],
                 )?;
+                if let Some((f, qkv)) = fused {
+                    let args = vec![
+                        Arg::Ptr(qkv),
+                        Arg::Ptr(kc),
+                        Arg::Ptr(vc),
+                        Arg::Ptr(sc),
+                        Arg::Ptr(cmax),
+                        pos,
+                        cap,
+                        nc,
+                    ];
+                    let name = f.name();
+                    self.launch_for(Tokens::One, name, split, ATTENTION_CHUNK, false, args)?;
+                }
                 self.launch_named(
                     format!("{name}_pv"),
                     split,
@@ -1115,13 +1157,14 @@ impl Builder<'_> {
             Arg::Ptr(ptr(steps[f.append].results.get(1))?),
             Arg::Ptr(self.positions),
         ];
-        self.launch(
-            &spec,
-            Grid::TokenHeads((h + g) as u32),
-            ROW_THREADS,
-            false,
-            args,
-        )
+        // With its attention's one-token form, this runs for several tokens only.
+        let tokens = if f.attention.is_some() && !self.plain {
+            Tokens::Several
+        } else {
+            Tokens::Any
+        };
+        let grid = Grid::TokenHeads((h + g) as u32);
+        self.launch_for(tokens, spec.name(), grid, ROW_THREADS, false, args)
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<u64, GpuError> {
