@@ -993,19 +993,7 @@ impl KernelSpec {
         if (j == p) {{
             for (int u = 0; u < {d}; u++) acc = fmaf(qh[u], kr[u], acc);
         }} else {{
-            const uint4* kp = (const uint4*)(kc + ((long)j * {g} + kvh) * {d});
-            #pragma unroll 4
-            for (int u = 0; u < {d} / 8; u++) {{
-                const uint4 k8 = kp[u];
-                acc = fmaf(qh[8 * u + 0], h2f((u16)(k8.x & 0xffffu)), acc);
-                acc = fmaf(qh[8 * u + 1], h2f((u16)(k8.x >> 16)), acc);
-                acc = fmaf(qh[8 * u + 2], h2f((u16)(k8.y & 0xffffu)), acc);
-                acc = fmaf(qh[8 * u + 3], h2f((u16)(k8.y >> 16)), acc);
-                acc = fmaf(qh[8 * u + 4], h2f((u16)(k8.z & 0xffffu)), acc);
-                acc = fmaf(qh[8 * u + 5], h2f((u16)(k8.z >> 16)), acc);
-                acc = fmaf(qh[8 * u + 6], h2f((u16)(k8.w & 0xffffu)), acc);
-                acc = fmaf(qh[8 * u + 7], h2f((u16)(k8.w >> 16)), acc);
-            }}
+            acc = key_dot<{d}>(qh, kc + ((long)j * {g} + kvh) * {d});
         }}
         s = acc * {scale};
         sc[head * cap + j] = s;
@@ -1062,21 +1050,7 @@ impl KernelSpec {
     const int j = c * {ch} + threadIdx.x;
     float s = -INFINITY;
     if (j < n) {{
-        const uint4* kr = (const uint4*)(kc + ((long)j * {g} + kvh) * {d});
-        float acc = 0.0f;
-        #pragma unroll 4
-        for (int u = 0; u < {d} / 8; u++) {{
-            const uint4 k8 = kr[u];
-            acc = fmaf(qh[8 * u + 0], h2f((u16)(k8.x & 0xffffu)), acc);
-            acc = fmaf(qh[8 * u + 1], h2f((u16)(k8.x >> 16)), acc);
-            acc = fmaf(qh[8 * u + 2], h2f((u16)(k8.y & 0xffffu)), acc);
-            acc = fmaf(qh[8 * u + 3], h2f((u16)(k8.y >> 16)), acc);
-            acc = fmaf(qh[8 * u + 4], h2f((u16)(k8.z & 0xffffu)), acc);
-            acc = fmaf(qh[8 * u + 5], h2f((u16)(k8.z >> 16)), acc);
-            acc = fmaf(qh[8 * u + 6], h2f((u16)(k8.w & 0xffffu)), acc);
-            acc = fmaf(qh[8 * u + 7], h2f((u16)(k8.w >> 16)), acc);
-        }}
-        s = acc * {scale};
+        s = key_dot<{d}>(qh, kc + ((long)j * {g} + kvh) * {d}) * {scale};
         sc[th * cap + j] = s;
     }}
     s = block_max(s);
@@ -1497,6 +1471,26 @@ __device__ float tq_row(const unsigned* w, const i8* q, const float* dx, const f
         if (b0 + 1 < blocks) sum += (dx[b0 + 1] * sw[b0 + 1]) * (float)s1;
     }
     return sum;
+}
+
+// The dot of a head's query (f32, in shared memory) with one f16 cache row of D values, in
+// order, reading 8 halves at a time (rows are 16-byte aligned: D is a multiple of 8).
+template <int D> __device__ __forceinline__ float key_dot(const float* qh, const u16* k) {
+    const uint4* kr = (const uint4*)k;
+    float acc = 0.0f;
+    #pragma unroll 4
+    for (int u = 0; u < D / 8; u++) {
+        const uint4 k8 = kr[u];
+        acc = fmaf(qh[8 * u + 0], h2f((u16)(k8.x & 0xffffu)), acc);
+        acc = fmaf(qh[8 * u + 1], h2f((u16)(k8.x >> 16)), acc);
+        acc = fmaf(qh[8 * u + 2], h2f((u16)(k8.y & 0xffffu)), acc);
+        acc = fmaf(qh[8 * u + 3], h2f((u16)(k8.y >> 16)), acc);
+        acc = fmaf(qh[8 * u + 4], h2f((u16)(k8.z & 0xffffu)), acc);
+        acc = fmaf(qh[8 * u + 5], h2f((u16)(k8.z >> 16)), acc);
+        acc = fmaf(qh[8 * u + 6], h2f((u16)(k8.w & 0xffffu)), acc);
+        acc = fmaf(qh[8 * u + 7], h2f((u16)(k8.w >> 16)), acc);
+    }
+    return acc;
 }
 
 // One f16 row against activations (rounded to f16 when `round`), by one warp, summed in float.

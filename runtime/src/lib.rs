@@ -314,34 +314,14 @@ impl Session<'_> {
         tokens: &[u32],
         rows: LogitRows,
     ) -> Option<Result<Vec<f32>, RuntimeError>> {
-        let gpu = self.engine.gpu.as_ref()?;
-        Some((|| {
-            self.check_room(tokens.len())?;
-            let mut g = gpu.lock().unwrap_or_else(|e| e.into_inner());
-            self.claim_gpu(&mut g.1)?;
-            let out =
-                g.0.eval(tokens, self.history.len(), rows)
-                    .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
-            self.history.extend_from_slice(tokens);
-            Ok(out)
-        })())
+        self.on_gpu(tokens, |g, pos0| g.eval(tokens, pos0, rows))
     }
 
     /// As `eval_gpu` for the last token, returning the most likely next token (found on the
     /// device).
     #[cfg(feature = "cuda")]
     fn argmax_gpu(&mut self, tokens: &[u32]) -> Option<Result<u32, RuntimeError>> {
-        let gpu = self.engine.gpu.as_ref()?;
-        Some((|| {
-            self.check_room(tokens.len())?;
-            let mut g = gpu.lock().unwrap_or_else(|e| e.into_inner());
-            self.claim_gpu(&mut g.1)?;
-            let id =
-                g.0.eval_argmax(tokens, self.history.len())
-                    .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
-            self.history.extend_from_slice(tokens);
-            Ok(id)
-        })())
+        self.on_gpu(tokens, |g, pos0| g.eval_argmax(tokens, pos0))
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -349,20 +329,34 @@ impl Session<'_> {
         None
     }
 
-    /// Makes the GPU's cache this session's, unless another session has used it since.
+    /// Runs `f` (evaluating `tokens` at this session's position) on the engine's GPU, when it
+    /// has one, after making the GPU's cache this session's (unless another session has used
+    /// it since).
     #[cfg(feature = "cuda")]
-    fn claim_gpu(&self, holder: &mut Option<u64>) -> Result<(), RuntimeError> {
-        if *holder != Some(self.id) {
-            if !self.history.is_empty() {
-                return Err(RuntimeError::Gpu(
-                    "another session has used the GPU's KV cache since this one: a GPU \
-                     engine runs one session at a time (reset this one to start over)"
-                        .into(),
-                ));
+    fn on_gpu<T>(
+        &mut self,
+        tokens: &[u32],
+        f: impl FnOnce(&mut cuda::CudaExecutor, usize) -> Result<T, cuda::GpuError>,
+    ) -> Option<Result<T, RuntimeError>> {
+        let gpu = self.engine.gpu.as_ref()?;
+        Some((|| {
+            self.check_room(tokens.len())?;
+            let mut g = gpu.lock().unwrap_or_else(|e| e.into_inner());
+            if g.1 != Some(self.id) {
+                if !self.history.is_empty() {
+                    return Err(RuntimeError::Gpu(
+                        "another session has used the GPU's KV cache since this one: a GPU \
+                         engine runs one session at a time (reset this one to start over)"
+                            .into(),
+                    ));
+                }
+                g.1 = Some(self.id);
             }
-            *holder = Some(self.id);
-        }
-        Ok(())
+            let out =
+                f(&mut g.0, self.history.len()).map_err(|e| RuntimeError::Gpu(e.to_string()))?;
+            self.history.extend_from_slice(tokens);
+            Ok(out)
+        })())
     }
 
     #[cfg(not(feature = "cuda"))]
