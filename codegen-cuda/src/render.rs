@@ -257,6 +257,13 @@ pub enum Broadcast {
     Scalar,
 }
 
+fn style_name(s: RopeStyle) -> &'static str {
+    match s {
+        RopeStyle::Neox => "neox",
+        RopeStyle::Norm => "norm",
+    }
+}
+
 fn act_name(a: Activation) -> &'static str {
     match a {
         Activation::Silu => "silu",
@@ -390,10 +397,7 @@ impl KernelSpec {
                 style,
             } => format!(
                 "rope_{}_h{heads}_d{d}_r{dims}_t{:08x}",
-                match style {
-                    RopeStyle::Neox => "neox",
-                    RopeStyle::Norm => "norm",
-                },
+                style_name(*style),
                 theta.to_bits()
             ),
             KernelSpec::KvAppendF16 { g, d } => format!("kv_append_f16_g{g}_d{d}"),
@@ -406,10 +410,7 @@ impl KernelSpec {
                 style,
             } => format!(
                 "qkv_rope_{}_append_f16_h{h}_g{g}_d{d}_r{dims}_t{:08x}",
-                match style {
-                    RopeStyle::Neox => "neox",
-                    RopeStyle::Norm => "norm",
-                },
+                style_name(*style),
                 theta.to_bits()
             ),
             KernelSpec::QkvScoresF16 {
@@ -423,10 +424,7 @@ impl KernelSpec {
                 kq,
             } => format!(
                 "qkv_rope_{}_scores_f16_h{h}_g{g}_d{d}_r{dims}_t{:08x}_s{:08x}_r{}",
-                match style {
-                    RopeStyle::Neox => "neox",
-                    RopeStyle::Norm => "norm",
-                },
+                style_name(*style),
                 theta.to_bits(),
                 scale.to_bits(),
                 kq.tag()
