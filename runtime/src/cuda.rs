@@ -124,6 +124,8 @@ pub enum GpuError {
     },
     #[error("weight {name}: {message}")]
     Weight { name: String, message: String },
+    #[error("token {id} at index {index} is outside the vocabulary of {vocab}")]
+    Token { id: u32, index: usize, vocab: usize },
 }
 
 fn driver(e: impl std::fmt::Debug) -> GpuError {
@@ -197,6 +199,8 @@ pub struct CudaExecutor {
     logits_ptr: u64,
     /// The argmax kernel over the logits of the last token, and its one-integer result.
     argmax: (usize, u64),
+    /// Rows of the embedding table: token ids must be below.
+    embed_rows: Option<usize>,
     batch: usize,
     capacity: usize,
     vocab: usize,
@@ -553,6 +557,13 @@ impl CudaExecutor {
             positions_ptr,
             logits_ptr: logits,
             argmax,
+            embed_rows: plan
+                .steps
+                .iter()
+                .find(|s| matches!(s.op, Op::Embed))
+                .and_then(|s| s.operands.get(1))
+                .and_then(|&b| plan.buffers.get(b as usize)?.ty.shape.first()?.fixed())
+                .map(|r| r as usize),
             batch,
             capacity,
             vocab,
@@ -612,6 +623,7 @@ impl CudaExecutor {
         pos0: usize,
         rows: LogitRows,
     ) -> Result<Vec<f32>, GpuError> {
+        self.check_tokens(tokens)?;
         let mut out = Vec::new();
         let mut at = 0;
         while at < tokens.len() {
@@ -636,6 +648,7 @@ impl CudaExecutor {
     /// token's logits, and returns the index of their largest value (the lowest on ties),
     /// found on the device: only that index is copied back.
     pub fn eval_argmax(&mut self, tokens: &[u32], pos0: usize) -> Result<u32, GpuError> {
+        self.check_tokens(tokens)?;
         let mut at = 0;
         while at < tokens.len() {
             let t = (tokens.len() - at).min(self.batch);
@@ -651,6 +664,21 @@ impl CudaExecutor {
         let mut id = [0i32];
         self.dev.read_i32(out, &mut id)?;
         Ok(id[0] as u32)
+    }
+
+    /// Token ids the embedding table has rows for, before any reaches the device.
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), GpuError> {
+        match self.embed_rows {
+            Some(vocab) => match tokens.iter().position(|&t| t as usize >= vocab) {
+                Some(index) => Err(GpuError::Token {
+                    id: tokens[index],
+                    index,
+                    vocab,
+                }),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
     }
 
     /// One step of `T ≤ batch` tokens; `logits` says whether the head runs, and for the last
