@@ -90,7 +90,7 @@ pub enum KernelSpec {
         residual: bool,
     },
     /// `(const u8* w, const float* x, const float* gain, const float* beta, const float*
-    /// residual, float* out)`; grid `(⌈M/{FUSED_ROWS}⌉, T)`, [`ROW_THREADS`] threads: a
+    /// residual, float* out)`; grid `(⌈M/16⌉, T)` ([`FUSED_ROWS`]), [`ROW_THREADS`] threads: a
     /// [`KernelSpec::NormQuant`] and a [`KernelSpec::Ternary`] in one launch, for one-token
     /// steps (where launches, not bytes, set the time): every block quantizes the token's
     /// activations into shared memory as `NormQuant` does, then computes its
@@ -103,7 +103,7 @@ pub enum KernelSpec {
         eps: Option<f32>,
     },
     /// `(const u8* w, const i8* q, const float* s, const float* beta, const float* residual,
-    /// float* out, int tokens)`; grid `(⌈M/R⌉, ⌈T/{TILE_TOKENS}⌉)`, [`ROW_THREADS`] threads,
+    /// float* out, int tokens)`; grid `(⌈M/R⌉, ⌈T/8⌉)` ([`TILE_TOKENS`]), [`ROW_THREADS`] threads,
     /// `R` = [`KernelSpec::tile_rows`]: a [`KernelSpec::Ternary`] for steps of several
     /// tokens, each warp holding two weight rows (a gate and an up row, or two output rows)
     /// against [`TILE_TOKENS`] tokens, so that each weight is read and unpacked once per tile

@@ -1,6 +1,7 @@
 //! The plan on an NVIDIA GPU: the kernels of [`bitnetc_codegen_cuda`] compiled by NVRTC for the
 //! device's architecture (or PTX compiled ahead of time), weights uploaded once, one device
-//! allocation per activation buffer, and the KV cache on the device.
+//! allocation per activation buffer, and the KV cache on the device. The executor drives a
+//! [`Device`]: [`Cuda`] (the driver), or another implementation of the same launches.
 //!
 //! One sequence at a time: the cache lives in the executor. Every entry point checks that the
 //! driver library can be loaded before touching it.
