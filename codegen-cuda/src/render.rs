@@ -23,9 +23,6 @@ pub const TOKEN_THREADS: u32 = 256;
 pub const NORM_THREADS: u32 = 1024;
 /// Tokens per block of [`KernelSpec::TernaryTiles`].
 pub const TILE_TOKENS: u32 = 8;
-/// Output rows per block of [`KernelSpec::NormTernary`]: its prologue is done once per block,
-/// so a block takes several rows per warp.
-pub const FUSED_ROWS: u32 = 16;
 /// Keys per block of the attention's score and value kernels (one thread per key).
 pub const ATTENTION_CHUNK: u32 = 128;
 
@@ -90,11 +87,12 @@ pub enum KernelSpec {
         residual: bool,
     },
     /// `(const u8* w, const float* x, const float* gain, const float* beta, const float*
-    /// residual, float* out)`; grid `(⌈M/16⌉, T)` ([`FUSED_ROWS`]), [`ROW_THREADS`] threads: a
-    /// [`KernelSpec::NormQuant`] and a [`KernelSpec::Ternary`] in one launch, for one-token
-    /// steps (where launches, not bytes, set the time): every block quantizes the token's
-    /// activations into shared memory as `NormQuant` does, then computes its
-    /// [`FUSED_ROWS`] rows as `Ternary` does.
+    /// residual, float* out)`; grid `(⌈M/R⌉, T)`, [`ROW_THREADS`] threads, `R` =
+    /// [`KernelSpec::rows_per_block`]: a [`KernelSpec::NormQuant`] and a
+    /// [`KernelSpec::Ternary`] in one launch, for one-token steps (where launches, not bytes,
+    /// set the time): every block quantizes the token's activations into shared memory as
+    /// `NormQuant` does, then each warp computes four weight rows at once (four output rows,
+    /// or two gate and up pairs) with `Ternary`'s sums and epilogue.
     NormTernary {
         k: u64,
         n: u64,
@@ -104,7 +102,7 @@ pub enum KernelSpec {
     },
     /// `(const u8* w, const i8* q, const float* s, const float* beta, const float* residual,
     /// float* out, int tokens)`; grid `(⌈M/R⌉, ⌈T/8⌉)` ([`TILE_TOKENS`]), [`ROW_THREADS`] threads,
-    /// `R` = [`KernelSpec::tile_rows`]: a [`KernelSpec::Ternary`] for steps of several
+    /// `R` = [`KernelSpec::rows_per_block`]: a [`KernelSpec::Ternary`] for steps of several
     /// tokens, each warp holding two weight rows (a gate and an up row, or two output rows)
     /// against [`TILE_TOKENS`] tokens, so that each weight is read and unpacked once per tile
     /// of tokens instead of once per token. The same integer sums and epilogue, so the same
@@ -290,15 +288,16 @@ impl KernelSpec {
         }
     }
 
-    /// For [`KernelSpec::TernaryTiles`], the output rows of one block: one per warp with a
-    /// gated activation, two without.
-    pub fn tile_rows(&self) -> Option<u32> {
-        match self {
-            KernelSpec::TernaryTiles { glu, .. } => {
-                Some(ROW_THREADS / 32 * if glu.is_some() { 1 } else { 2 })
-            }
-            _ => None,
-        }
+    /// For [`KernelSpec::TernaryTiles`] and [`KernelSpec::NormTernary`], the output rows of
+    /// one block: per warp, two weight rows (tiles) or four (fused), of which half are up rows
+    /// with a gated activation.
+    pub fn rows_per_block(&self) -> Option<u32> {
+        let (weight_rows, glu) = match self {
+            KernelSpec::TernaryTiles { glu, .. } => (2, glu),
+            KernelSpec::NormTernary { glu, .. } => (4, glu),
+            _ => return None,
+        };
+        Some(ROW_THREADS / 32 * weight_rows / if glu.is_some() { 2 } else { 1 })
     }
 
     /// The kernel's `extern "C"` name.
@@ -718,14 +717,47 @@ impl KernelSpec {
     const float st = (float)(127.0 / fmax((double)amax, 1e-5));
     for (int i = threadIdx.x; i < {k}; i += blockDim.x) qt[i] = (i8)min(127, max(-128, __float2int_rn({normed} * st)));
     __syncthreads();
-    for (int j = threadIdx.x / 32; j < {rows}; j += blockDim.x / 32) {{
-        const int r = blockIdx.x * {rows} + j;
-        if (r >= {m}) break;
-{body}    }}
+    const int r0 = blockIdx.x * {rows} + (threadIdx.x / 32) * {per};
+    if (r0 >= {m}) return;
+    const u8* wr[4];
+    #pragma unroll
+    for (int i = 0; i < {per}; i++) {{
+        const int r = min(r0 + i, {m} - 1);
+        wr[i] = w + (long)r * {rb};{up_row}
+    }}
+    int sums[4];
+    ternary_rows4(wr, qt, {words}, sums);
+    if ((threadIdx.x & 31) == 0) {{
+        for (int i = 0; i < {per}; i++) {{
+            const int r = r0 + i;
+            if (r >= {m}) break;
+            const float gate = ((float)sums[i] / st) * beta[r];{up}
+            out[t * {m} + r] = {value}{res};
+        }}
+    }}
 }}
 "#,
-                    rows = FUSED_ROWS,
-                    body = ternary_rows_body(*k, m, *glu, *residual, "st", "        ")
+                    rows = self.rows_per_block().unwrap_or(0),
+                    per = if glu.is_some() { 2 } else { 4 },
+                    rb = k / 4,
+                    words = k / 16,
+                    up_row = if glu.is_some() {
+                        format!(
+                            "\n        wr[2 + i] = w + (long)(r + {m}) * {rb};",
+                            rb = k / 4
+                        )
+                    } else {
+                        String::new()
+                    },
+                    up = if glu.is_some() {
+                        format!(
+                            "\n            const float up = ((float)sums[2 + i] / st) * beta[r + {m}];"
+                        )
+                    } else {
+                        String::new()
+                    },
+                    value = epilogue(*glu, *residual, m, "up").0,
+                    res = epilogue(*glu, *residual, m, "up").1,
                 )
             }
             KernelSpec::TernaryTiles {
@@ -1398,6 +1430,32 @@ __device__ void ternary_rows2(const u8* w0, const u8* w1, const i8* q, int words
     }
     *s0 = warp_sum_int(a0);
     *s1 = warp_sum_int(a1);
+}
+
+// Four rows (pointers in `w`) against the same activations by one warp, every load of the
+// four in flight together; `out` gets the four exact sums.
+__device__ __forceinline__ void ternary_rows4(const u8* const* w, const i8* q, int words, int* out) {
+    int acc[4] = {0, 0, 0, 0};
+    for (int u = threadIdx.x & 31; u < words / 4; u += 32) {
+        uint4 p[4];
+        #pragma unroll
+        for (int r = 0; r < 4; r++) p[r] = ((const uint4*)w[r])[u];
+        const int base = (u / 2) * 128 + (u % 2) * 16;
+        #pragma unroll
+        for (int g = 0; g < 4; g++) {
+            const int4 a = *(const int4*)(q + base + 32 * g);
+            const int sh = 6 - 2 * g;
+            #pragma unroll
+            for (int r = 0; r < 4; r++) {
+                acc[r] = __dp4a((int)__vsub4((p[r].x >> sh) & 0x03030303u, 0x01010101u), a.x, acc[r]);
+                acc[r] = __dp4a((int)__vsub4((p[r].y >> sh) & 0x03030303u, 0x01010101u), a.y, acc[r]);
+                acc[r] = __dp4a((int)__vsub4((p[r].z >> sh) & 0x03030303u, 0x01010101u), a.z, acc[r]);
+                acc[r] = __dp4a((int)__vsub4((p[r].w >> sh) & 0x03030303u, 0x01010101u), a.w, acc[r]);
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 4; r++) out[r] = warp_sum_int(acc[r]);
 }
 
 // Q8_0/Q4_0/Q4_1 rows against Q8_0 activations by eight threads, thread l = ggml's AVX2 lane l

@@ -8,8 +8,7 @@
 
 use crate::exec::LogitRows;
 use bitnetc_codegen_cuda::render::{
-    self, ATTENTION_CHUNK, FUSED_ROWS, KernelSpec, NORM_THREADS, ROW_THREADS, TILE_TOKENS,
-    TOKEN_THREADS,
+    self, ATTENTION_CHUNK, KernelSpec, NORM_THREADS, ROW_THREADS, TILE_TOKENS, TOKEN_THREADS,
 };
 
 /// Output rows per block of the rows kernels: one per warp.
@@ -983,9 +982,11 @@ impl Builder<'_> {
                 let forms = match &rows {
                     KernelSpec::Ternary { .. } => {
                         let (fused, tiles) = (next()?, next()?);
-                        match (&fused, tiles.tile_rows()) {
-                            (KernelSpec::NormTernary { .. }, Some(per)) => {
-                                Some((fused, tiles, per))
+                        match (fused.rows_per_block(), tiles.rows_per_block()) {
+                            (Some(fused_per), Some(per))
+                                if matches!(fused, KernelSpec::NormTernary { .. }) =>
+                            {
+                                Some((fused, fused_per, tiles, per))
                             }
                             _ => {
                                 return Err(err(format!(
@@ -1000,11 +1001,11 @@ impl Builder<'_> {
                     _ => None,
                 };
                 let mut rows = (rows.name(), grid, rows_args, Tokens::Any);
-                if let Some((fused, tiles, per)) = forms
+                if let Some((fused, fused_per, tiles, per)) = forms
                     && !self.plain
                 {
                     let args = vec![w_ptr, xr, gain, scales()?, res, out];
-                    let grid = Grid::Rows(m, FUSED_ROWS);
+                    let grid = Grid::Rows(m, fused_per);
                     self.launch_for(Tokens::One, fused.name(), grid, ROW_THREADS, head, args)?;
                     let mut args = rows.2;
                     args.push(Arg::Tokens);
