@@ -874,7 +874,7 @@ impl KernelSpec {
     const i8* qt = q + t * {k};
 {body}}}
 "#,
-                    body = ternary_rows_body(*k, m, *glu, *residual, "s[t]", "    ")
+                    body = ternary_rows_body(*k, m, *glu, *residual)
                 )
             }
             KernelSpec::FloatRows {
@@ -1224,26 +1224,18 @@ pub fn attention_pv_threads(d: u64) -> u32 {
     ((d / 2).max(1) * attention_groups(d)).next_multiple_of(32) as u32
 }
 
-/// The rows part of the I2_S kernels, for row `r` of token `t` against the codes `qt` with
-/// scale `s` (an expression), each line indented by `ind`: the exact dot (gate and up rows in
-/// one loop with a gated activation), bitnet.cpp's epilogue `((f32)S / s)·β`, and lane 0
-/// writing the row.
-fn ternary_rows_body(
-    k: u64,
-    m: u64,
-    glu: Option<Activation>,
-    residual: bool,
-    s: &str,
-    ind: &str,
-) -> String {
+/// The rows part of [`KernelSpec::Ternary`], for row `r` of token `t` against the codes `qt`:
+/// the exact dot (gate and up rows in one loop with a gated activation), bitnet.cpp's
+/// epilogue `((f32)S / s)·β`, and lane 0 writing the row.
+fn ternary_rows_body(k: u64, m: u64, glu: Option<Activation>, residual: bool) -> String {
     let (words, rb) = (k / 16, k / 4);
     let (value, res) = epilogue(glu, residual, m, "up");
     let (sums, up) = if glu.is_some() {
         (
             format!(
-                "int sg, su;\n{ind}ternary_rows2(w + (long)r * {rb}, w + (long)(r + {m}) * {rb}, qt, {words}, &sg, &su);"
+                "int sg, su;\n    ternary_rows2(w + (long)r * {rb}, w + (long)(r + {m}) * {rb}, qt, {words}, &sg, &su);"
             ),
-            format!("\n{ind}const float up = ((float)su / {s}) * beta[r + {m}];"),
+            format!("\n    const float up = ((float)su / s[t]) * beta[r + {m}];"),
         )
     } else {
         (
@@ -1252,7 +1244,7 @@ fn ternary_rows_body(
         )
     };
     format!(
-        "{ind}{sums}\n{ind}const float gate = ((float)sg / {s}) * beta[r];{up}\n{ind}if ((threadIdx.x & 31) == 0) out[t * {m} + r] = {value}{res};\n"
+        "    {sums}\n    const float gate = ((float)sg / s[t]) * beta[r];{up}\n    if ((threadIdx.x & 31) == 0) out[t * {m} + r] = {value}{res};\n"
     )
 }
 
