@@ -122,9 +122,9 @@ pub enum Backend {
     Compiled(runtime::exec::ExecOptions),
     /// The reference interpreter (one thread; the ground truth the kernels are tested against).
     Interpreter,
-    /// An NVIDIA GPU (the `cuda` feature): kernels compiled by NVRTC for it, one session at
-    /// a time; the options set the step size, the output projection's encoding and whether
-    /// every kernel launch is timed (see [`runtime::Engine::gpu_trace`]).
+    /// An NVIDIA GPU (the `cuda` feature): kernels compiled by NVRTC for it; the options set
+    /// the step size, the output projection's encoding, the sessions whose caches it holds
+    /// and whether every kernel launch is timed (see [`runtime::Engine::gpu_trace`]).
     #[cfg(feature = "cuda")]
     Cuda {
         ordinal: usize,

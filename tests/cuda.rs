@@ -260,6 +260,7 @@ fn gpu_logits_match_the_cpu_within_tolerance() {
                     batch: 16,
                     trace,
                     lm_head: None,
+                    ..GpuOptions::default()
                 },
             })
         };
@@ -426,6 +427,7 @@ fn device_logits_match_the_cpu_within_tolerance() {
                 batch: 16,
                 trace: true,
                 lm_head,
+                ..GpuOptions::default()
             },
         )
         .unwrap_or_else(|e| panic!("{rel}: {e}"));
@@ -565,6 +567,7 @@ fn device_long_prompt_with_2b_heads_matches_the_cpu() {
             batch: 64,
             trace: true,
             lm_head: None,
+            ..GpuOptions::default()
         },
     )
     .unwrap();
@@ -738,6 +741,7 @@ fn device_matches_the_cpu_at_2b_4t_dimensions() {
             batch: 16,
             trace: true,
             lm_head: None,
+            ..GpuOptions::default()
         },
     )
     .unwrap();
@@ -778,4 +782,89 @@ fn device_matches_the_cpu_at_2b_4t_dimensions() {
             .any(|n| n.starts_with("qkv_rope_neox_scores_f16_h20_g5_d128") && n.ends_with("[1]")),
         "{launched:?}"
     );
+}
+
+/// A GPU engine with two session slots: two sessions interleaving their prefills and decode
+/// steps each get exactly the logits they get alone (their caches are apart), and within the
+/// GPU test's bound of the CPU's. With one slot a third session takes the slot used longest
+/// ago, and the session that held it is told its sequence is gone until it resets.
+#[test]
+fn device_sessions_keep_their_own_caches() {
+    let Some((device, _)) = test_device() else {
+        return;
+    };
+    let cpu = load(
+        &fixture("tiny/bitnetcpp-tiny-i2_s.gguf"),
+        LoadOptions {
+            context: Some(64),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let gpu = bitnetc::runtime::Engine::gpu(
+        cpu.engine.plan().clone(),
+        cpu.engine.weights().clone(),
+        64,
+        device,
+        &[],
+        &GpuOptions {
+            sessions: 2,
+            ..GpuOptions::default()
+        },
+    )
+    .unwrap();
+    let (pa, pb): (Vec<u32>, Vec<u32>) = (
+        (0..12).map(|i| i * 37 % 2048).collect(),
+        (0..7).map(|i| 1000 + i * 11).collect(),
+    );
+    let alone = |e: &bitnetc::runtime::Engine, p: &[u32]| {
+        let mut s = e.session();
+        let mut out = s.eval_last(p).unwrap();
+        for t in 0..3 {
+            out.extend(s.eval_last(&[t + 5]).unwrap());
+        }
+        out
+    };
+    let (a_alone, b_alone) = (alone(&gpu, &pa), alone(&gpu, &pb));
+    let (mut a, mut b) = (gpu.session(), gpu.session());
+    let mut a_out = a.eval_last(&pa).unwrap();
+    let mut b_out = b.eval_last(&pb).unwrap();
+    for t in 0..3 {
+        a_out.extend(a.eval_last(&[t + 5]).unwrap());
+        b_out.extend(b.eval_last(&[t + 5]).unwrap());
+    }
+    assert!(
+        a_out
+            .iter()
+            .zip(&a_alone)
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    );
+    assert!(
+        b_out
+            .iter()
+            .zip(&b_alone)
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    );
+    let a_cpu = alone(&cpu.engine, &pa);
+    let d = a_out
+        .iter()
+        .zip(&a_cpu)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(d <= 0.01, "{d}");
+    // Both slots are held: a third session takes A's (used longest ago); A is then told.
+    let mut c = gpu.session();
+    c.eval_last(&pb).unwrap();
+    let e = a.eval_last(&[9]).unwrap_err().to_string();
+    assert!(
+        e.contains("another session has taken this one's KV cache"),
+        "{e}"
+    );
+    assert!(b.eval_last(&[9]).is_ok());
+    a.reset();
+    assert!(a.eval_last(&pa).is_ok());
+    // Dropping sessions gives their slots back.
+    drop((a, b, c));
+    let (mut x, mut y) = (gpu.session(), gpu.session());
+    assert!(x.eval_last(&pa).is_ok() && y.eval_last(&pb).is_ok());
+    assert!(x.eval_last(&[1]).is_ok());
 }

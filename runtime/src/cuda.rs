@@ -3,8 +3,9 @@
 //! allocation per activation buffer, and the KV cache on the device. The executor drives a
 //! [`Device`]: [`Cuda`] (the driver), or another implementation of the same launches.
 //!
-//! One sequence at a time: the cache lives in the executor. Every entry point checks that the
-//! driver library can be loaded before touching it.
+//! The KV caches of [`GpuOptions::sessions`] sequences live in the executor, one slot each;
+//! a step runs for one slot. Every entry point checks that the driver library can be loaded
+//! before touching it.
 
 use crate::exec::LogitRows;
 use bitnetc_codegen_cuda::render::{
@@ -34,6 +35,8 @@ pub struct GpuOptions {
     /// Re-encodes the output projection's matrix at upload (Q8_0, Q4_0 or Q4_1), as the CPU's
     /// `lm_head` option does.
     pub lm_head: Option<Encoding>,
+    /// Sequences whose KV caches the device holds at once (session slots).
+    pub sessions: usize,
 }
 
 impl Default for GpuOptions {
@@ -42,6 +45,7 @@ impl Default for GpuOptions {
             batch: 512,
             trace: false,
             lm_head: None,
+            sessions: 1,
         }
     }
 }
@@ -89,17 +93,17 @@ pub trait Device: Send {
     ) -> Result<(), GpuError>;
     /// Waits for every launch so far.
     fn synchronize(&mut self) -> Result<(), GpuError>;
-    /// Starts recording the launches that follow into a graph instead of running them; false
-    /// when the device has no graphs (the launches then run as they come).
-    fn begin_capture(&mut self) -> Result<bool, GpuError> {
+    /// Starts recording the launches that follow into graph `key` instead of running them;
+    /// false when the device has no graphs (the launches then run as they come).
+    fn begin_capture(&mut self, _key: usize) -> Result<bool, GpuError> {
         Ok(false)
     }
     /// Ends the recording that [`Device::begin_capture`] started.
-    fn end_capture(&mut self) -> Result<(), GpuError> {
+    fn end_capture(&mut self, _key: usize) -> Result<(), GpuError> {
         Ok(())
     }
-    /// Runs the recorded graph; false when there is none.
-    fn replay(&mut self) -> Result<bool, GpuError> {
+    /// Runs recorded graph `key`; false when there is none.
+    fn replay(&mut self, _key: usize) -> Result<bool, GpuError> {
         Ok(false)
     }
 }
@@ -167,6 +171,9 @@ enum Arg {
     I32(i32),
     /// The step's token count `T`, as a 32-bit integer.
     Tokens,
+    /// A KV cache: the first slot's memory and the bytes of one slot (the session's slot picks
+    /// its memory).
+    Slot(u64, u64),
 }
 
 /// Which steps a launch is part of, by their number of tokens.
@@ -206,8 +213,9 @@ pub struct CudaExecutor {
     vocab: usize,
     /// The device's name and compute capability.
     pub device: String,
-    /// Whether the launches of a one-token step have been captured into a graph.
-    captured: bool,
+    /// Per session slot: whether the launches of its one-token step have been captured into a
+    /// graph.
+    captured: Vec<bool>,
     /// Whether one-token steps run as a graph (`BITNETC_CUDA_GRAPHS=0` turns it off).
     graphs: bool,
     /// Per launch (in order), for one-token steps and for larger ones: calls and time, when
@@ -244,8 +252,8 @@ pub struct Cuda {
     functions: Vec<CudaFunction>,
     /// Owned device memory: weights, activations, cache, scratch.
     memory: Vec<CudaSlice<u8>>,
-    /// The launches of a one-token step, captured once and replayed.
-    graph: Option<Graph>,
+    /// The launches of a one-token step, captured once per key (session slot) and replayed.
+    graphs: Vec<Option<Graph>>,
 }
 
 impl Cuda {
@@ -270,7 +278,7 @@ impl Cuda {
             module: None,
             functions: Vec::new(),
             memory: Vec::new(),
-            graph: None,
+            graphs: Vec::new(),
         })
     }
 
@@ -394,7 +402,7 @@ impl Device for Cuda {
         self.stream.synchronize().map_err(driver)
     }
 
-    fn begin_capture(&mut self) -> Result<bool, GpuError> {
+    fn begin_capture(&mut self, _key: usize) -> Result<bool, GpuError> {
         self.stream
             .begin_capture(
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
@@ -403,17 +411,20 @@ impl Device for Cuda {
         Ok(true)
     }
 
-    fn end_capture(&mut self) -> Result<(), GpuError> {
+    fn end_capture(&mut self, key: usize) -> Result<(), GpuError> {
         let graph = self
             .stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
             .map_err(driver)?;
-        self.graph = graph.map(Graph);
+        if self.graphs.len() <= key {
+            self.graphs.resize_with(key + 1, || None);
+        }
+        self.graphs[key] = graph.map(Graph);
         Ok(())
     }
 
-    fn replay(&mut self) -> Result<bool, GpuError> {
-        match &self.graph {
+    fn replay(&mut self, key: usize) -> Result<bool, GpuError> {
+        match self.graphs.get(key).and_then(Option::as_ref) {
             Some(g) => {
                 g.0.launch().map_err(driver)?;
                 Ok(true)
@@ -469,6 +480,8 @@ impl CudaExecutor {
             positions: 0,
             plain: std::env::var("BITNETC_CUDA_PLAIN").is_ok_and(|v| v == "1"),
             fusions: Vec::new(),
+            sessions: opts.sessions.max(1),
+            caches: Vec::new(),
         };
         b.allocate()?;
         // Scratch for the linear prologues: rows of the widest linear input.
@@ -568,7 +581,7 @@ impl CudaExecutor {
             capacity,
             vocab,
             device,
-            captured: false,
+            captured: vec![false; opts.sessions.max(1)],
             graphs: std::env::var("BITNETC_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             trace: None,
         };
@@ -619,10 +632,12 @@ impl CudaExecutor {
     /// returns their logits (every row, or the last token's).
     pub fn eval(
         &mut self,
+        slot: usize,
         tokens: &[u32],
         pos0: usize,
         rows: LogitRows,
     ) -> Result<Vec<f32>, GpuError> {
+        self.check_slot(slot)?;
         self.check_tokens(tokens)?;
         let mut out = Vec::new();
         let mut at = 0;
@@ -631,9 +646,9 @@ impl CudaExecutor {
             let last = at + t == tokens.len();
             let only_last = rows == LogitRows::Last;
             if only_last && !last {
-                self.step(&tokens[at..at + t], pos0 + at, None)?;
+                self.step(slot, &tokens[at..at + t], pos0 + at, None)?;
             } else {
-                self.step(&tokens[at..at + t], pos0 + at, Some(only_last))?;
+                self.step(slot, &tokens[at..at + t], pos0 + at, Some(only_last))?;
                 let n = if only_last { 1 } else { t } * self.vocab;
                 let at = out.len();
                 out.resize(at + n, 0.0);
@@ -647,13 +662,19 @@ impl CudaExecutor {
     /// Evaluates `tokens` at positions `pos0..` as [`CudaExecutor::eval`] does for the last
     /// token's logits, and returns the index of their largest value (the lowest on ties),
     /// found on the device: only that index is copied back.
-    pub fn eval_argmax(&mut self, tokens: &[u32], pos0: usize) -> Result<u32, GpuError> {
+    pub fn eval_argmax(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        pos0: usize,
+    ) -> Result<u32, GpuError> {
+        self.check_slot(slot)?;
         self.check_tokens(tokens)?;
         let mut at = 0;
         while at < tokens.len() {
             let t = (tokens.len() - at).min(self.batch);
             let last = at + t == tokens.len();
-            self.step(&tokens[at..at + t], pos0 + at, last.then_some(true))?;
+            self.step(slot, &tokens[at..at + t], pos0 + at, last.then_some(true))?;
             at += t;
         }
         let (f, out) = self.argmax;
@@ -664,6 +685,21 @@ impl CudaExecutor {
         let mut id = [0i32];
         self.dev.read_i32(out, &mut id)?;
         Ok(id[0] as u32)
+    }
+
+    /// Session slots the executor holds caches for.
+    pub fn sessions(&self) -> usize {
+        self.captured.len()
+    }
+
+    fn check_slot(&self, slot: usize) -> Result<(), GpuError> {
+        if slot >= self.sessions() {
+            return Err(GpuError::Driver(format!(
+                "session slot {slot} of {}",
+                self.sessions()
+            )));
+        }
+        Ok(())
     }
 
     /// Token ids the embedding table has rows for, before any reaches the device.
@@ -683,30 +719,36 @@ impl CudaExecutor {
 
     /// One step of `T ≤ batch` tokens; `logits` says whether the head runs, and for the last
     /// token alone. A one-token step with logits runs as a CUDA graph, captured the first time.
-    fn step(&mut self, tokens: &[u32], pos0: usize, logits: Option<bool>) -> Result<(), GpuError> {
+    fn step(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        pos0: usize,
+        logits: Option<bool>,
+    ) -> Result<(), GpuError> {
         let t = tokens.len();
         let ids: Vec<i32> = tokens.iter().map(|&v| v as i32).collect();
         let pos: Vec<i32> = (0..t as i32).map(|i| pos0 as i32 + i).collect();
         self.dev.write_i32(self.tokens_ptr, &ids)?;
         self.dev.write_i32(self.positions_ptr, &pos)?;
         if self.trace.is_none() && self.graphs && t == 1 && logits.is_some() {
-            if !self.captured && self.dev.begin_capture()? {
-                let enqueued = self.enqueue(1, logits);
-                let ended = self.dev.end_capture();
+            if !self.captured[slot] && self.dev.begin_capture(slot)? {
+                let enqueued = self.enqueue(slot, 1, logits);
+                let ended = self.dev.end_capture(slot);
                 enqueued?;
                 ended?;
-                self.captured = true;
+                self.captured[slot] = true;
             }
-            if self.dev.replay()? {
+            if self.dev.replay(slot)? {
                 return self.dev.synchronize();
             }
         }
-        self.enqueue(t, logits)?;
+        self.enqueue(slot, t, logits)?;
         self.dev.synchronize()
     }
 
     /// Puts the launches of a step of `t` tokens on the stream (timing each when tracing).
-    fn enqueue(&mut self, t: usize, logits: Option<bool>) -> Result<(), GpuError> {
+    fn enqueue(&mut self, slot: usize, t: usize, logits: Option<bool>) -> Result<(), GpuError> {
         for (n, l) in self.launches.iter().enumerate() {
             let last_only = l.head && logits == Some(true);
             if l.head && logits.is_none() {
@@ -740,6 +782,7 @@ impl CudaExecutor {
                     Arg::Total(n) => KernelArg::I64((tk * n) as i64),
                     Arg::I32(v) => KernelArg::I32(v),
                     Arg::Tokens => KernelArg::I32(tk as i32),
+                    Arg::Slot(p, bytes) => KernelArg::U64(p + slot as u64 * bytes),
                 };
             }
             let start = std::time::Instant::now();
@@ -777,6 +820,10 @@ struct Builder<'a> {
     positions: u64,
     /// The plan's fused Q/K/V splits.
     fusions: Vec<bitnetc_codegen_cuda::plan::QkvFusion>,
+    /// Session slots: each KV cache buffer holds this many caches of `capacity` positions.
+    sessions: usize,
+    /// Per KV cache buffer: its memory and the bytes of one slot.
+    caches: Vec<(u64, u64)>,
     /// Whether I2_S layers run as their prologue and one-row-per-warp rows kernel in every
     /// step (`BITNETC_CUDA_PLAIN=1`), instead of one fused kernel for one token and token
     /// tiles for several.
@@ -824,6 +871,17 @@ impl Builder<'_> {
                 args.len()
             )));
         }
+        // KV caches are per session slot.
+        let args = args
+            .into_iter()
+            .map(|a| match a {
+                Arg::Ptr(p) => match self.caches.iter().find(|c| c.0 == p) {
+                    Some(&(p, bytes)) => Arg::Slot(p, bytes),
+                    None => a,
+                },
+                a => a,
+            })
+            .collect();
         let f = self.dev.function(&name)?;
         self.launches.push(Launch {
             f,
@@ -1234,7 +1292,10 @@ impl Builder<'_> {
                         .iter()
                         .map(|d| d.fixed().unwrap_or(0))
                         .product();
-                    self.alloc(self.capacity * per as usize * 2)?
+                    let bytes = self.capacity * per as usize * 2;
+                    let at = self.alloc(self.sessions * bytes)?;
+                    self.caches.push((at, bytes as u64));
+                    at
                 }
                 Storage::Weight { parts, .. } => {
                     // The output projection's matrix re-encoded (and the original too when

@@ -45,9 +45,38 @@ pub enum RuntimeError {
     Gpu(String),
 }
 
-/// The GPU executor and the session whose sequence its KV cache holds.
+/// The GPU executor and, per session slot (a KV cache on the device), the session whose
+/// sequence it holds and when it was last used.
 #[cfg(feature = "cuda")]
-type Gpu = std::sync::Mutex<(cuda::CudaExecutor, Option<u64>)>;
+struct GpuState {
+    exec: cuda::CudaExecutor,
+    owners: Vec<Option<u64>>,
+    used: Vec<u64>,
+    clock: u64,
+}
+
+#[cfg(feature = "cuda")]
+type Gpu = std::sync::Mutex<GpuState>;
+
+/// A session's slot on the GPU, given back when the session ends.
+#[cfg(feature = "cuda")]
+struct GpuSlot<'e> {
+    engine: &'e Engine,
+    slot: usize,
+    session: u64,
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for GpuSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = &self.engine.gpu {
+            let mut g = g.lock().unwrap_or_else(|e| e.into_inner());
+            if g.owners[self.slot] == Some(self.session) {
+                g.owners[self.slot] = None;
+            }
+        }
+    }
+}
 #[cfg(not(feature = "cuda"))]
 type Gpu = ();
 
@@ -82,10 +111,10 @@ impl Engine {
     }
 
     /// Checks the plan and binds it to GPU `ordinal`: kernels from `ptx` (architecture, PTX)
-    /// when one suits the device, else compiled for it by NVRTC; weights uploaded, a KV cache
-    /// of `context` positions on the device, steps of at most `opts.batch` tokens. One session
-    /// at a time holds the device's cache. `opts.trace` times every launch (no CUDA graphs
-    /// then).
+    /// when one suits the device, else compiled for it by NVRTC; weights uploaded, KV caches
+    /// of `context` positions for `opts.sessions` sessions on the device, steps of at most
+    /// `opts.batch` tokens (one session's at a time). `opts.trace` times every launch (no
+    /// CUDA graphs then).
     #[cfg(feature = "cuda")]
     pub fn cuda(
         plan: Plan,
@@ -119,7 +148,13 @@ impl Engine {
             opts,
         )
         .map_err(|e| RuntimeError::Gpu(e.to_string()))?;
-        engine.gpu = Some(std::sync::Mutex::new((gpu, None)));
+        let n = gpu.sessions();
+        engine.gpu = Some(std::sync::Mutex::new(GpuState {
+            exec: gpu,
+            owners: vec![None; n],
+            used: vec![0; n],
+            clock: 0,
+        }));
         Ok(engine)
     }
 
@@ -128,7 +163,7 @@ impl Engine {
     pub fn gpu_trace(&self) -> Vec<(String, u64, std::time::Duration)> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
-            return g.lock().unwrap_or_else(|e| e.into_inner()).0.trace();
+            return g.lock().unwrap_or_else(|e| e.into_inner()).exec.trace();
         }
         Vec::new()
     }
@@ -137,7 +172,13 @@ impl Engine {
     pub fn device(&self) -> Option<String> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
-            return Some(g.lock().unwrap_or_else(|e| e.into_inner()).0.device.clone());
+            return Some(
+                g.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .exec
+                    .device
+                    .clone(),
+            );
         }
         None
     }
@@ -213,6 +254,8 @@ impl Engine {
             arena: Vec::new(),
             id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             batcher: None,
+            #[cfg(feature = "cuda")]
+            gpu_slot: None,
         }
     }
 
@@ -231,6 +274,8 @@ impl Engine {
             arena: spare.arena,
             id: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             batcher: None,
+            #[cfg(feature = "cuda")]
+            gpu_slot: None,
         }
     }
 
@@ -299,11 +344,14 @@ pub struct Session<'e> {
     state: Option<exec::State>,
     history: Vec<u32>,
     arena: Vec<u8>,
-    /// This session's number (which session the GPU's cache holds).
+    /// This session's number (which session a GPU cache slot holds).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     id: u64,
     /// Where this session's decode steps meet other sessions' ([`Session::join`]).
     batcher: Option<batch::Attached>,
+    /// The GPU cache slot this session holds, once it has evaluated there.
+    #[cfg(feature = "cuda")]
+    gpu_slot: Option<GpuSlot<'e>>,
 }
 
 impl Session<'_> {
@@ -314,14 +362,14 @@ impl Session<'_> {
         tokens: &[u32],
         rows: LogitRows,
     ) -> Option<Result<Vec<f32>, RuntimeError>> {
-        self.on_gpu(tokens, |g, pos0| g.eval(tokens, pos0, rows))
+        self.on_gpu(tokens, |g, slot, pos0| g.eval(slot, tokens, pos0, rows))
     }
 
     /// As `eval_gpu` for the last token, returning the most likely next token (found on the
     /// device).
     #[cfg(feature = "cuda")]
     fn argmax_gpu(&mut self, tokens: &[u32]) -> Option<Result<u32, RuntimeError>> {
-        self.on_gpu(tokens, |g, pos0| g.eval_argmax(tokens, pos0))
+        self.on_gpu(tokens, |g, slot, pos0| g.eval_argmax(slot, tokens, pos0))
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -329,31 +377,52 @@ impl Session<'_> {
         None
     }
 
-    /// Runs `f` (evaluating `tokens` at this session's position) on the engine's GPU, when it
-    /// has one, after making the GPU's cache this session's (unless another session has used
-    /// it since).
+    /// Runs `f` (evaluating `tokens` in this session's cache slot at its position) on the
+    /// engine's GPU, when it has one. A session takes a free slot the first time, or else the
+    /// one used longest ago; a session whose slot another one took meanwhile gets an error
+    /// (its sequence is gone) until it is reset.
     #[cfg(feature = "cuda")]
     fn on_gpu<T>(
         &mut self,
         tokens: &[u32],
-        f: impl FnOnce(&mut cuda::CudaExecutor, usize) -> Result<T, cuda::GpuError>,
+        f: impl FnOnce(&mut cuda::CudaExecutor, usize, usize) -> Result<T, cuda::GpuError>,
     ) -> Option<Result<T, RuntimeError>> {
         let gpu = self.engine.gpu.as_ref()?;
         Some((|| {
             self.check_room(tokens.len())?;
-            let mut g = gpu.lock().unwrap_or_else(|e| e.into_inner());
-            if g.1 != Some(self.id) {
-                if !self.history.is_empty() {
-                    return Err(RuntimeError::Gpu(
-                        "another session has used the GPU's KV cache since this one: a GPU \
-                         engine runs one session at a time (reset this one to start over)"
-                            .into(),
-                    ));
+            // A slot given up here is dropped after the lock (its drop takes the lock).
+            let mut _stale = None;
+            let mut guard = gpu.lock().unwrap_or_else(|e| e.into_inner());
+            let g = &mut *guard;
+            let slot = match self.gpu_slot.as_ref().map(|s| s.slot) {
+                Some(slot) if g.owners[slot] == Some(self.id) => slot,
+                held => {
+                    if held.is_some() && !self.history.is_empty() {
+                        return Err(RuntimeError::Gpu(format!(
+                            "another session has taken this one's KV cache on the GPU, which \
+                             holds {} at a time (reset this session to start over)",
+                            g.owners.len()
+                        )));
+                    }
+                    let slot = match g.owners.iter().position(Option::is_none) {
+                        Some(free) => free,
+                        None => (0..g.owners.len()).min_by_key(|&i| g.used[i]).unwrap_or(0),
+                    };
+                    g.owners[slot] = Some(self.id);
+                    slot
                 }
-                g.1 = Some(self.id);
+            };
+            if self.gpu_slot.as_ref().map(|s| s.slot) != Some(slot) {
+                _stale = self.gpu_slot.replace(GpuSlot {
+                    engine: self.engine,
+                    slot,
+                    session: self.id,
+                });
             }
-            let out =
-                f(&mut g.0, self.history.len()).map_err(|e| RuntimeError::Gpu(e.to_string()))?;
+            g.clock += 1;
+            g.used[slot] = g.clock;
+            let pos0 = self.history.len();
+            let out = f(&mut g.exec, slot, pos0).map_err(|e| RuntimeError::Gpu(e.to_string()))?;
             self.history.extend_from_slice(tokens);
             Ok(out)
         })())

@@ -156,6 +156,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 trace_kernels: a.trace_kernels,
                 lm_head: a.lm_head,
                 device: a.device,
+                gpu_sessions: 1,
             };
             let model = super::load(Some(path), a.kv_cache, Some(context), None, &exec)?;
             let desc = bitnetc::gguf::describe::describe(&model.file, false);

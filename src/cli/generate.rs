@@ -415,6 +415,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
             trace_kernels: false,
             lm_head: None,
             device: super::Device::Cpu,
+            gpu_sessions: 1,
         },
     )?;
     let tokenizer = model.tokenizer()?;

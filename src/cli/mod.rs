@@ -37,6 +37,9 @@ pub struct ExecArgs {
     /// NVRTC at load time)
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
+    /// Sequences a GPU engine holds KV caches for at once (`serve --parallel`).
+    #[arg(skip = 1usize)]
+    pub gpu_sessions: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -82,6 +85,7 @@ impl ExecArgs {
                     batch: self.batch_size,
                     trace: self.trace_kernels,
                     lm_head: self.lm_head.map(LmHead::encoding),
+                    sessions: self.gpu_sessions.max(1),
                 },
             });
             #[cfg(not(feature = "cuda"))]

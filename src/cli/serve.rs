@@ -33,15 +33,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if a.parallel == 0 {
         return Err("--parallel must be at least 1".into());
     }
-    if a.model.exec.device == super::Device::Cuda && a.parallel > 1 {
-        return Err("--device cuda serves one request at a time: use --parallel 1".into());
-    }
+    // On a GPU, one KV cache per request generating at once.
+    let exec = super::ExecArgs {
+        gpu_sessions: a.parallel,
+        ..a.model.exec.clone()
+    };
     let model = super::load(
         a.model.model.as_deref(),
         a.model.kv_cache,
         a.model.ctx_size,
         a.model.pre_tokenizer.clone(),
-        &a.model.exec,
+        &exec,
     )?;
     model.tokenizer()?;
     let model_id = a.alias.clone().unwrap_or_else(|| {

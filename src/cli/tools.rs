@@ -142,6 +142,7 @@ fn compile_plan(a: &CompileArgs, out: &std::path::Path) -> Result<()> {
         trace_kernels: false,
         lm_head: a.lm_head,
         device: super::Device::Cpu,
+        gpu_sessions: 1,
     };
     let bitnetc::Backend::Compiled(exec) = exec.backend()? else {
         unreachable!("not the interpreter")
