@@ -311,6 +311,33 @@ fn test_device() -> Option<TestDevice> {
     Some((Box::new(emulator), Some(reads)))
 }
 
+/// The model at `path` loaded for the CPU with a cache of `context` positions (its head
+/// re-encoded as `opts.lm_head` says), and its plan and weights bound to `device` with `opts`.
+fn cpu_and_device(
+    path: &Path,
+    context: usize,
+    device: Box<dyn Device>,
+    opts: GpuOptions,
+) -> (bitnetc::Model, bitnetc::runtime::Engine) {
+    let backend = Backend::Compiled(bitnetc::runtime::exec::ExecOptions {
+        lm_head: opts.lm_head,
+        ..Default::default()
+    });
+    let cpu = load(
+        path,
+        LoadOptions {
+            context: Some(context),
+            backend,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let (plan, weights) = (cpu.engine.plan().clone(), cpu.engine.weights().clone());
+    let gpu = bitnetc::runtime::Engine::gpu(plan, weights, context, device, &[], &opts)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (cpu, gpu)
+}
+
 /// The tokens of the GPU tests: a prefill of 20 (steps of 16 and 4 with a batch of 16), then
 /// 4 one-token steps.
 const GPU_TOKENS: usize = 24;
@@ -405,32 +432,17 @@ fn device_logits_match_the_cpu_within_tolerance() {
         runs.push((format!("{rel}, Q8_0 head"), fixture(rel), head, bound));
     }
     for (rel, path, lm_head, bound) in runs {
-        let cpu = load(
+        let (cpu, gpu) = cpu_and_device(
             &path,
-            LoadOptions {
-                context: Some(64),
-                backend: Backend::Compiled(bitnetc::runtime::exec::ExecOptions {
-                    lm_head,
-                    ..Default::default()
-                }),
-                ..LoadOptions::default()
-            },
-        )
-        .unwrap();
-        let gpu = bitnetc::runtime::Engine::gpu(
-            cpu.engine.plan().clone(),
-            cpu.engine.weights().clone(),
             64,
             test_device().unwrap().0,
-            &[],
-            &GpuOptions {
+            GpuOptions {
                 batch: 16,
                 trace: true,
                 lm_head,
                 ..GpuOptions::default()
             },
-        )
-        .unwrap_or_else(|e| panic!("{rel}: {e}"));
+        );
         let (g, c) = (prefill_and_decode(&gpu), prefill_and_decode(&cpu.engine));
         assert_eq!(g.len(), c.len(), "{rel}");
         assert_close(&rel, &gpu, &g, &c, bound);
@@ -549,28 +561,17 @@ fn device_long_prompt_with_2b_heads_matches_the_cpu() {
         ..SynthSpec::tiny(bitnetc::gguf::arch::Architecture::Llama)
     };
     spec.write(std::fs::File::create(&path).unwrap()).unwrap();
-    let cpu = load(
+    let (cpu, gpu) = cpu_and_device(
         &path,
-        LoadOptions {
-            context: Some(512),
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
-    let gpu = bitnetc::runtime::Engine::gpu(
-        cpu.engine.plan().clone(),
-        cpu.engine.weights().clone(),
         512,
         device,
-        &[],
-        &GpuOptions {
+        GpuOptions {
             batch: 64,
             trace: true,
             lm_head: None,
             ..GpuOptions::default()
         },
-    )
-    .unwrap();
+    );
     let tokens: Vec<u32> = (0..303u32).map(|i| (i * 37 + 11) % 512).collect();
     let run = |e: &bitnetc::runtime::Engine| {
         let mut s = e.session();
@@ -664,23 +665,12 @@ fn device_refuses_tokens_outside_the_vocabulary() {
     let Some((device, _)) = test_device() else {
         return;
     };
-    let cpu = load(
+    let (cpu, gpu) = cpu_and_device(
         &fixture("tiny/bitnetcpp-tiny-i2_s.gguf"),
-        LoadOptions {
-            context: Some(64),
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
-    let gpu = bitnetc::runtime::Engine::gpu(
-        cpu.engine.plan().clone(),
-        cpu.engine.weights().clone(),
         64,
         device,
-        &[],
-        &GpuOptions::default(),
-    )
-    .unwrap();
+        GpuOptions::default(),
+    );
     let mut s = gpu.session();
     let e = s.eval(&[5, 2048]).unwrap_err().to_string();
     assert!(
@@ -723,28 +713,17 @@ fn device_matches_the_cpu_at_2b_4t_dimensions() {
         ..SynthSpec::bitnet_2b_4t()
     };
     spec.write(std::fs::File::create(&path).unwrap()).unwrap();
-    let cpu = load(
+    let (cpu, gpu) = cpu_and_device(
         &path,
-        LoadOptions {
-            context: Some(256),
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
-    let gpu = bitnetc::runtime::Engine::gpu(
-        cpu.engine.plan().clone(),
-        cpu.engine.weights().clone(),
         256,
         device,
-        &[],
-        &GpuOptions {
+        GpuOptions {
             batch: 16,
             trace: true,
             lm_head: None,
             ..GpuOptions::default()
         },
-    )
-    .unwrap();
+    );
     let tokens: Vec<u32> = (0..24u32).map(|i| (i * 613 + 7) % 512).collect();
     let run = |e: &bitnetc::runtime::Engine| {
         let mut s = e.session();
@@ -793,26 +772,15 @@ fn device_sessions_keep_their_own_caches() {
     let Some((device, _)) = test_device() else {
         return;
     };
-    let cpu = load(
+    let (cpu, gpu) = cpu_and_device(
         &fixture("tiny/bitnetcpp-tiny-i2_s.gguf"),
-        LoadOptions {
-            context: Some(64),
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
-    let gpu = bitnetc::runtime::Engine::gpu(
-        cpu.engine.plan().clone(),
-        cpu.engine.weights().clone(),
         64,
         device,
-        &[],
-        &GpuOptions {
+        GpuOptions {
             sessions: 2,
             ..GpuOptions::default()
         },
-    )
-    .unwrap();
+    );
     let (pa, pb): (Vec<u32>, Vec<u32>) = (
         (0..12).map(|i| i * 37 % 2048).collect(),
         (0..7).map(|i| 1000 + i * 11).collect(),
