@@ -367,22 +367,46 @@ fn prefill_and_decode(engine: &bitnetc::runtime::Engine) -> Vec<f32> {
     let tokens: Vec<u32> = (0..GPU_TOKENS as u32)
         .map(|i| (i * 613 + 7) % 2048)
         .collect();
+    prompt_then_steps(engine, &tokens, 20, false)
+}
+
+/// The logits of `tokens[..prompt]` evaluated at once (every row, or the last one's with
+/// `last`), then of each token after it evaluated alone.
+fn prompt_then_steps(
+    engine: &bitnetc::runtime::Engine,
+    tokens: &[u32],
+    prompt: usize,
+    last: bool,
+) -> Vec<f32> {
     let mut s = engine.session();
-    let mut out = s.eval(&tokens[..20]).unwrap();
-    for &t in &tokens[20..] {
-        out.extend(s.eval(&[t]).unwrap());
+    let mut eval = |t: &[u32]| if last { s.eval_last(t) } else { s.eval(t) }.unwrap();
+    let mut out = eval(&tokens[..prompt]);
+    for t in &tokens[prompt..] {
+        out.extend(eval(std::slice::from_ref(t)));
     }
     out
+}
+
+/// The largest difference between two rows of logits.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// Options of a traced engine with steps of at most `batch` tokens.
+fn traced(batch: usize) -> GpuOptions {
+    GpuOptions {
+        batch,
+        trace: true,
+        ..GpuOptions::default()
+    }
 }
 
 /// The bound of the GPU tests: max |Δ| ≤ `bound` and the same argmax at ≥ 90% of positions.
 fn assert_close(rel: &str, gpu: &bitnetc::runtime::Engine, g: &[f32], c: &[f32], bound: f32) {
     let vocab = gpu.vocab_size();
     let diff = |rows: std::ops::Range<usize>| {
-        g[rows.start * vocab..rows.end * vocab]
-            .iter()
-            .zip(&c[rows.start * vocab..rows.end * vocab])
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        let rows = rows.start * vocab..rows.end * vocab;
+        max_diff(&g[rows.clone()], &c[rows])
     };
     let magnitude = c.iter().fold(0f32, |m, v| m.max(v.abs()));
     let argmax = |r: &[f32]| (0..r.len()).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap();
@@ -437,10 +461,8 @@ fn device_logits_match_the_cpu_within_tolerance() {
             64,
             test_device().unwrap().0,
             GpuOptions {
-                batch: 16,
-                trace: true,
                 lm_head,
-                ..GpuOptions::default()
+                ..traced(16)
             },
         );
         let (g, c) = (prefill_and_decode(&gpu), prefill_and_decode(&cpu.engine));
@@ -561,32 +583,12 @@ fn device_long_prompt_with_2b_heads_matches_the_cpu() {
         ..SynthSpec::tiny(bitnetc::gguf::arch::Architecture::Llama)
     };
     spec.write(std::fs::File::create(&path).unwrap()).unwrap();
-    let (cpu, gpu) = cpu_and_device(
-        &path,
-        512,
-        device,
-        GpuOptions {
-            batch: 64,
-            trace: true,
-            lm_head: None,
-            ..GpuOptions::default()
-        },
-    );
+    let (cpu, gpu) = cpu_and_device(&path, 512, device, traced(64));
     let tokens: Vec<u32> = (0..303u32).map(|i| (i * 37 + 11) % 512).collect();
-    let run = |e: &bitnetc::runtime::Engine| {
-        let mut s = e.session();
-        let mut out = s.eval_last(&tokens[..300]).unwrap();
-        for &t in &tokens[300..] {
-            out.extend(s.eval_last(&[t]).unwrap());
-        }
-        out
-    };
+    let run = |e| prompt_then_steps(e, &tokens, 300, true);
     let (g, c) = (run(&gpu), run(&cpu.engine));
     assert_eq!(g.len(), 4 * 512);
-    let diff = g
-        .iter()
-        .zip(&c)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = max_diff(&g, &c);
     let magnitude = c.iter().fold(0f32, |m, v| m.max(v.abs()));
     eprintln!("max |Δlogit| {diff} (logits up to {magnitude})");
     assert!(diff <= 0.01, "{diff}");
@@ -684,10 +686,7 @@ fn device_refuses_tokens_outside_the_vocabulary() {
     assert_eq!(s.position(), 0);
     let g = s.eval(&[5]).unwrap();
     let c = cpu.engine.session().eval(&[5]).unwrap();
-    let d = g
-        .iter()
-        .zip(&c)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let d = max_diff(&g, &c);
     assert!(d <= 0.01, "{d}");
 }
 
@@ -713,33 +712,13 @@ fn device_matches_the_cpu_at_2b_4t_dimensions() {
         ..SynthSpec::bitnet_2b_4t()
     };
     spec.write(std::fs::File::create(&path).unwrap()).unwrap();
-    let (cpu, gpu) = cpu_and_device(
-        &path,
-        256,
-        device,
-        GpuOptions {
-            batch: 16,
-            trace: true,
-            lm_head: None,
-            ..GpuOptions::default()
-        },
-    );
+    let (cpu, gpu) = cpu_and_device(&path, 256, device, traced(16));
     let tokens: Vec<u32> = (0..24u32).map(|i| (i * 613 + 7) % 512).collect();
-    let run = |e: &bitnetc::runtime::Engine| {
-        let mut s = e.session();
-        let mut out = s.eval(&tokens[..20]).unwrap();
-        for &t in &tokens[20..] {
-            out.extend(s.eval(&[t]).unwrap());
-        }
-        out
-    };
+    let run = |e| prompt_then_steps(e, &tokens, 20, false);
     let (g, c) = (run(&gpu), run(&cpu.engine));
     let mut moved = 0;
     for (r, (gr, cr)) in g.chunks(512).zip(c.chunks(512)).enumerate() {
-        let d = gr
-            .iter()
-            .zip(cr)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let d = max_diff(gr, cr);
         let magnitude = cr.iter().fold(0f32, |m, v| m.max(v.abs()));
         eprintln!("row {r}: max |Δlogit| {d} (logits up to {magnitude})");
         assert!(d <= 1e-3 * magnitude, "row {r}: {d}");
@@ -813,11 +792,7 @@ fn device_sessions_keep_their_own_caches() {
             .zip(&b_alone)
             .all(|(x, y)| x.to_bits() == y.to_bits())
     );
-    let a_cpu = alone(&cpu.engine, &pa);
-    let d = a_out
-        .iter()
-        .zip(&a_cpu)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let d = max_diff(&a_out, &alone(&cpu.engine, &pa));
     assert!(d <= 0.01, "{d}");
     // Both slots are held: a third session takes A's (used longest ago); A is then told.
     let mut c = gpu.session();
