@@ -744,8 +744,9 @@ fn device_matches_the_cpu_at_2b_4t_dimensions() {
 
 /// A GPU engine with two session slots: two sessions interleaving their prefills and decode
 /// steps each get exactly the logits they get alone (their caches are apart), and within the
-/// GPU test's bound of the CPU's. With one slot a third session takes the slot used longest
-/// ago, and the session that held it is told its sequence is gone until it resets.
+/// GPU test's bound of the CPU's. With both slots held, a third session takes the one used
+/// longest ago, and the session that held it is told its sequence is gone until it resets;
+/// ended sessions give their slots back.
 #[test]
 fn device_sessions_keep_their_own_caches() {
     let Some((device, _)) = test_device() else {
