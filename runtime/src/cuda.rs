@@ -155,7 +155,8 @@ enum Grid {
     Elems(u64),
     /// `(T, heads)`.
     TokenHeads(u32),
-    /// `(T, heads, chunks)`.
+    /// `(T, heads, chunks)`: `chunks` for the whole cache; a step launches those that hold
+    /// its positions.
     TokenHeadsChunks(u32, u32),
 }
 
@@ -213,9 +214,13 @@ pub struct CudaExecutor {
     vocab: usize,
     /// The device's name and compute capability.
     pub device: String,
-    /// Per session slot: whether the launches of its one-token step have been captured into a
-    /// graph.
+    /// Session slots.
+    sessions: usize,
+    /// Per session slot and number of attention chunks in use (`slot · (chunks + 1) + n`):
+    /// whether the launches of a one-token step have been captured into a graph.
     captured: Vec<bool>,
+    /// Chunks of [`ATTENTION_CHUNK`] positions of the cache.
+    chunks: usize,
     /// Whether one-token steps run as a graph (`BITNETC_CUDA_GRAPHS=0` turns it off).
     graphs: bool,
     /// Per launch (in order), for one-token steps and for larger ones: calls and time, when
@@ -581,7 +586,12 @@ impl CudaExecutor {
             capacity,
             vocab,
             device,
-            captured: vec![false; opts.sessions.max(1)],
+            sessions: opts.sessions.max(1),
+            captured: vec![
+                false;
+                opts.sessions.max(1) * (capacity.div_ceil(ATTENTION_CHUNK as usize) + 1)
+            ],
+            chunks: capacity.div_ceil(ATTENTION_CHUNK as usize),
             graphs: std::env::var("BITNETC_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             trace: None,
         };
@@ -689,7 +699,7 @@ impl CudaExecutor {
 
     /// Session slots the executor holds caches for.
     pub fn sessions(&self) -> usize {
-        self.captured.len()
+        self.sessions
     }
 
     fn check_slot(&self, slot: usize) -> Result<(), GpuError> {
@@ -718,7 +728,9 @@ impl CudaExecutor {
     }
 
     /// One step of `T ≤ batch` tokens; `logits` says whether the head runs, and for the last
-    /// token alone. A one-token step with logits runs as a CUDA graph, captured the first time.
+    /// token alone. Attention launches only the chunks of the cache that hold the step's
+    /// positions. A one-token step with logits runs as a CUDA graph, captured the first time
+    /// for its slot and number of chunks.
     fn step(
         &mut self,
         slot: usize,
@@ -731,24 +743,35 @@ impl CudaExecutor {
         let pos: Vec<i32> = (0..t as i32).map(|i| pos0 as i32 + i).collect();
         self.dev.write_i32(self.tokens_ptr, &ids)?;
         self.dev.write_i32(self.positions_ptr, &pos)?;
+        let chunks = (pos0 + t)
+            .div_ceil(ATTENTION_CHUNK as usize)
+            .min(self.chunks);
         if self.trace.is_none() && self.graphs && t == 1 && logits.is_some() {
-            if !self.captured[slot] && self.dev.begin_capture(slot)? {
-                let enqueued = self.enqueue(slot, 1, logits);
-                let ended = self.dev.end_capture(slot);
+            let key = slot * (self.chunks + 1) + chunks;
+            if !self.captured[key] && self.dev.begin_capture(key)? {
+                let enqueued = self.enqueue(slot, 1, logits, chunks);
+                let ended = self.dev.end_capture(key);
                 enqueued?;
                 ended?;
-                self.captured[slot] = true;
+                self.captured[key] = true;
             }
-            if self.dev.replay(slot)? {
+            if self.dev.replay(key)? {
                 return self.dev.synchronize();
             }
         }
-        self.enqueue(slot, t, logits)?;
+        self.enqueue(slot, t, logits, chunks)?;
         self.dev.synchronize()
     }
 
-    /// Puts the launches of a step of `t` tokens on the stream (timing each when tracing).
-    fn enqueue(&mut self, slot: usize, t: usize, logits: Option<bool>) -> Result<(), GpuError> {
+    /// Puts the launches of a step of `t` tokens on the stream (timing each when tracing),
+    /// attention over its first `chunks` chunks.
+    fn enqueue(
+        &mut self,
+        slot: usize,
+        t: usize,
+        logits: Option<bool>,
+        chunks: usize,
+    ) -> Result<(), GpuError> {
         for (n, l) in self.launches.iter().enumerate() {
             let last_only = l.head && logits == Some(true);
             if l.head && logits.is_none() {
@@ -768,7 +791,7 @@ impl CudaExecutor {
                 ),
                 Grid::Elems(n) => ((tk * n).div_ceil(256) as u32, 1, 1),
                 Grid::TokenHeads(h) => (tk as u32, h, 1),
-                Grid::TokenHeadsChunks(h, c) => (tk as u32, h, c),
+                Grid::TokenHeadsChunks(h, c) => (tk as u32, h, c.min(chunks as u32)),
             };
             let mut values = [KernelArg::I32(0); MAX_ARGS];
             for (v, a) in values.iter_mut().zip(&l.args) {
