@@ -73,7 +73,8 @@ pub trait Device: Send {
     fn alloc(&mut self, bytes: usize) -> Result<u64, GpuError>;
     /// Device memory holding `bytes`, owned by the device.
     fn upload(&mut self, bytes: &[u8]) -> Result<u64, GpuError>;
-    /// Copies `values` to `ptr`, before the launches that follow.
+    /// Copies `values` to `ptr` in queue order: after the launches before, before those that
+    /// follow (`values` may be dropped when this returns).
     fn write_i32(&mut self, ptr: u64, values: &[i32]) -> Result<(), GpuError>;
     /// Waits for the launches so far, then copies from `ptr` into `out`.
     fn read_f32(&mut self, ptr: u64, out: &mut [f32]) -> Result<(), GpuError>;
@@ -354,7 +355,8 @@ impl Device for Cuda {
 
     fn write_i32(&mut self, ptr: u64, values: &[i32]) -> Result<(), GpuError> {
         // SAFETY: the executor writes its input buffers, which hold `batch` ≥ values.len()
-        // values; the copy is ordered before the launches that follow on the stream.
+        // values; the copy is ordered on the stream, and a copy from pageable memory has read
+        // `values` (into a staging buffer) when it returns.
         unsafe {
             cudarc::driver::result::memcpy_htod_async(ptr, values, self.stream.cu_stream())
                 .map_err(driver)
@@ -727,8 +729,9 @@ impl CudaExecutor {
         }
     }
 
-    /// One step of `T ≤ batch` tokens; `logits` says whether the head runs, and for the last
-    /// token alone. Attention launches only the chunks of the cache that hold the step's
+    /// Queues one step of `T ≤ batch` tokens (reading its results waits for it; the next
+    /// step's inputs are copied after it); `logits` says whether the head runs, and for the
+    /// last token alone. Attention launches only the chunks of the cache that hold the step's
     /// positions. A one-token step with logits runs as a CUDA graph, captured the first time
     /// for its slot and number of chunks.
     fn step(
@@ -756,11 +759,10 @@ impl CudaExecutor {
                 self.captured[key] = true;
             }
             if self.dev.replay(key)? {
-                return self.dev.synchronize();
+                return Ok(());
             }
         }
-        self.enqueue(slot, t, logits, chunks)?;
-        self.dev.synchronize()
+        self.enqueue(slot, t, logits, chunks)
     }
 
     /// Puts the launches of a step of `t` tokens on the stream (timing each when tracing),
