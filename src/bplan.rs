@@ -593,13 +593,18 @@ pub fn load(path: &Path, opts: LoadOptions) -> Result<Model, Error> {
     // The checksums read every page; keep resident only what the model reads.
     file.release_all();
     let config = ModelConfig::from_gguf(&file).map_err(|e| file.model_error(e))?;
+    let head_fixed = || {
+        invalid(
+            path,
+            "--lm-head is chosen at compile time: `bitnetc compile --lm-head …`",
+        )
+    };
     let backend = match opts.backend {
+        #[cfg(feature = "cuda")]
+        Backend::Cuda { options, .. } if options.lm_head.is_some() => return Err(head_fixed()),
         Backend::Compiled(exec) => {
             if exec.lm_head.is_some() {
-                return Err(invalid(
-                    path,
-                    "--lm-head is chosen at compile time: `bitnetc compile --lm-head …`",
-                ));
+                return Err(head_fixed());
             }
             Backend::Compiled(ExecOptions {
                 bindings: Some(manifest.kernels.clone()),

@@ -229,6 +229,15 @@ fn damaged_foreign_and_mismatched_plans_are_refused() {
         Backend::Compiled(exec(KernelSet::Best, Some(Encoding::Q8_0))),
     );
     assert!(e.contains("--lm-head is chosen at compile time"), "{e}");
+    let on_gpu = Backend::Cuda {
+        ordinal: 0,
+        options: bitnetc::runtime::cuda::GpuOptions {
+            lm_head: Some(Encoding::Q8_0),
+            ..Default::default()
+        },
+    };
+    let e = error_of(&plan, on_gpu);
+    assert!(e.contains("--lm-head is chosen at compile time"), "{e}");
     let e = match load(
         &plan,
         LoadOptions {
