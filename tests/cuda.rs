@@ -1,6 +1,6 @@
 //! CUDA code generation on real plans: every fixture model's and the 2B-4T shape's kernels
 //! render deterministically (the tiny I2_S model's module is a reviewed snapshot) and compile
-//! to PTX for sm_80 and sm_90 with NVRTC. NVRTC is loaded at run time: without it the PTX test
+//! to PTX for sm_80 and sm_90 with NVRTC (and assemble with ptxas, `BITNETC_PTXAS`). NVRTC is loaded at run time: without it the PTX test
 //! says so and passes, unless `BITNETC_REQUIRE_NVRTC=1` (as in CI) makes its absence a failure.
 //! The GPU executor runs every model on the GPU, or on a machine without one on the CUDA
 //! emulator (`cuda_emu.h`, needs `c++`; `BITNETC_REQUIRE_CXX=1`, as in CI, makes its absence
@@ -142,6 +142,7 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
         return;
     }
     eprintln!("NVRTC {:?}", nvrtc::version().unwrap());
+    let ptxas = ptxas();
     let q8_head = kernels_2b(Some(Encoding::Q8_0));
     assert!(
         q8_head
@@ -198,6 +199,9 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
             if source.contains("ternary_row(w + ") {
                 assert!(ptx.contains("dp4a.s32.s32"), "{what} {arch}");
             }
+            if let Some(ptxas) = &ptxas {
+                assemble(ptxas, &ptx, arch, what);
+            }
         }
     }
     // The PTX cache: the first call compiles, the second reads the file.
@@ -221,6 +225,43 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
             .unwrap_err()
             .to_string()
             .contains("unknown GPU architecture")
+    );
+}
+
+/// The PTX assembler named by `BITNETC_PTXAS` (CI: the `nvidia-cuda-nvcc-cu12` wheel's), which
+/// checks what NVRTC passes through unread (inline PTX such as `griddepcontrol`) and that each
+/// kernel assembles for its architecture; `BITNETC_REQUIRE_PTXAS=1` makes its absence a
+/// failure.
+fn ptxas() -> Option<std::path::PathBuf> {
+    let required = std::env::var("BITNETC_REQUIRE_PTXAS").is_ok_and(|v| v == "1");
+    match std::env::var_os("BITNETC_PTXAS") {
+        Some(p) => Some(p.into()),
+        None => {
+            assert!(
+                !required,
+                "BITNETC_REQUIRE_PTXAS=1 but BITNETC_PTXAS is not set"
+            );
+            eprintln!("not assembling the PTX: BITNETC_PTXAS is not set (see .ci/run)");
+            None
+        }
+    }
+}
+
+/// Assembles `ptx` for `arch` with `ptxas`, failing with its log.
+fn assemble(ptxas: &Path, ptx: &str, arch: &str, what: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("module.ptx");
+    std::fs::write(&src, ptx).unwrap();
+    let out = std::process::Command::new(ptxas)
+        .args(["--gpu-name", arch, "-o"])
+        .arg(dir.path().join("module.cubin"))
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", ptxas.display()));
+    assert!(
+        out.status.success(),
+        "ptxas {what} for {arch}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
