@@ -38,6 +38,13 @@ if timeout 150 "$dist/cuda-tests" --nocapture --test-threads 1 >"$logs/tests.log
   status_tests=pass
 fi
 tail -25 "$logs/tests.log"
+# The device tests again with programmatic dependent launch (launches overlapping the kernel
+# before them, each waiting for its inputs).
+status_pdl=fail
+if BITNETC_CUDA_PDL=1 timeout 150 "$dist/cuda-tests" --nocapture --test-threads 1 device_ gpu_ >"$logs/tests-pdl.log" 2>&1; then
+  status_pdl=pass
+fi
+tail -5 "$logs/tests-pdl.log"
 
 # A plan whose PTX was compiled ahead (scripts/build-gpu-dist.sh), with no NVRTC to be found.
 status_plan=absent
@@ -58,14 +65,16 @@ model=/tmp/bitnetc-2b.gguf
 timeout 150 "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 128 -r 3 -o md 2>&1 | tee "$logs/bench-gpu.log"
 # The same tests as variants (rows of the table labelled): the head re-encoded to Q8_0; the
 # I2_S layers as plain prologue + one-row-per-warp kernels (no one-token fusion, no token
-# tiles); without CUDA graphs.
+# tiles); with programmatic dependent launch; without CUDA graphs.
 variant() {
   local label=$1
   shift
-  timeout 90 "$@" 2>&1 | grep -E '^\| .*(pp512|tg128)' | sed -E "s/(pp512|tg128) \|/\1 ($label) |/" | tee -a "$logs/bench-gpu.log"
+  timeout 90 "$@" 2>&1 | grep -E '^\| .*(pp512|tg128)|: on ' | sed -E "s/(pp512|tg128) \|/\1 ($label) |/" | tee -a "$logs/bench-gpu.log"
 }
 variant "q8_0 head" "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 128 -r 3 -o md --lm-head q8_0
 BITNETC_CUDA_PLAIN=1 variant "plain" "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 128 -r 3 -o md
+BITNETC_CUDA_PDL=1 variant "pdl" "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 128 -r 3 -o md
+BITNETC_CUDA_PDL=1 variant "pdl, q8_0 head" "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 128 -r 3 -o md --lm-head q8_0
 BITNETC_CUDA_GRAPHS=0 variant "no graph" "$dist/bitnetc" bench -m "$model" --device cuda -p 0 -n 128 -r 3 -o md
 # Each kernel's time (launch by launch, synchronized).
 timeout 60 "$dist/bitnetc" bench -m "$model" --device cuda -p 512 -n 32 -r 1 -o md --trace-kernels >"$logs/trace.log" 2>&1
@@ -75,6 +84,8 @@ timeout 90 "$dist/bitnetc" bench -m "$model" -p 512 -n 32 -r 1 -t "$(nproc)" -o 
 echo
 echo "== bitnetc GPU check =="
 echo "tests: $status_tests"
+echo "device tests with BITNETC_CUDA_PDL=1: $status_pdl"
 echo "ahead-compiled plan without NVRTC, sampled ids (seed 7) GPU vs CPU: $status_plan"
 grep -E "Δlogit" "$logs/tests.log" || true
+grep -E "Δlogit" "$logs/tests-pdl.log" | sed "s/^/PDL: /" || true
 grep -hE "^\| " "$logs/bench-gpu.log" "$logs/bench-cpu.log" || true

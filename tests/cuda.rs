@@ -199,6 +199,13 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
             if source.contains("ternary_row(w + ") {
                 assert!(ptx.contains("dp4a.s32.s32"), "{what} {arch}");
             }
+            // Every kernel waits for its inputs where it can be launched before they are
+            // ready (programmatic dependent launch, sm_90).
+            assert_eq!(
+                bitnetc::codegen_cuda::render::every_kernel_awaits_inputs(&ptx),
+                arch == "sm_90",
+                "{what} {arch}"
+            );
             if let Some(ptxas) = &ptxas {
                 assemble(ptxas, &ptx, arch, what);
             }
@@ -465,6 +472,13 @@ fn assert_close(rel: &str, gpu: &bitnetc::runtime::Engine, g: &[f32], c: &[f32],
     );
     assert!(all <= bound, "{rel}: {all}");
     assert!(agree * 10 >= GPU_TOKENS * 9, "{rel}: {agree}");
+    // Asked for on a GPU that has it, programmatic dependent launch is what ran.
+    let name = gpu.device().unwrap_or_default();
+    if std::env::var("BITNETC_CUDA_PDL").is_ok_and(|v| v == "1")
+        && (name.contains("(sm_9") || name.contains("(sm_1"))
+    {
+        assert!(name.contains("programmatic dependent launch"), "{name}");
+    }
 }
 
 /// The GPU executor and every kernel it launches, on the GPU or else run on the CPU by the

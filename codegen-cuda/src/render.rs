@@ -456,8 +456,33 @@ impl KernelSpec {
         }
     }
 
-    /// The kernel's CUDA C.
+    /// The kernel's CUDA C. Every kernel calls `await_inputs()` before it reads or writes
+    /// anything but its weights: first thing, unless its body places the call itself (after
+    /// prefetching its weights), so that launches may overlap (programmatic dependent launch).
     pub fn source(&self) -> String {
+        let body = self.body();
+        let mut out = String::with_capacity(body.len() + 64);
+        let starts: Vec<usize> = body
+            .match_indices("extern \"C\" __global__ void ")
+            .map(|(i, _)| i)
+            .chain([body.len()])
+            .collect();
+        out.push_str(&body[..starts[0]]);
+        for w in starts.windows(2) {
+            let f = &body[w[0]..w[1]];
+            match f.find("{\n") {
+                Some(open) if !f.contains("await_inputs();") => {
+                    out.push_str(&f[..open + 2]);
+                    out.push_str("    await_inputs();\n");
+                    out.push_str(&f[open + 2..]);
+                }
+                _ => out.push_str(f),
+            }
+        }
+        out
+    }
+
+    fn body(&self) -> String {
         let name = self.name();
         match self {
             KernelSpec::EmbedF16 { h } => format!(
@@ -709,6 +734,15 @@ impl KernelSpec {
                 format!(
                     r#"extern "C" __global__ void {name}(const u8* w, const float* x, const float* gain, const float* beta, const float* residual, float* out) {{
     __shared__ __align__(16) i8 qt[{k}];
+    // The block's weight rows into L2 while the kernel before finishes.
+    {{
+        const int first = blockIdx.x * {rows}, count = min({rows}, {m} - first);
+        for (int i = threadIdx.x; i < count * {lines}; i += blockDim.x) {{
+            const long at = (long)(first + i / {lines}) * {rb} + (i % {lines}) * 128;
+            prefetch_l2(w + at);{prefetch_up}
+        }}
+    }}
+    await_inputs();
     const long t = blockIdx.y;
     const float* xt = x + t * {k};
 {scale}    float amax = 0.0f;
@@ -738,6 +772,15 @@ impl KernelSpec {
 }}
 "#,
                     rows = self.rows_per_block().unwrap_or(0),
+                    lines = (k / 4).div_ceil(128),
+                    prefetch_up = if glu.is_some() {
+                        format!(
+                            "\n            prefetch_l2(w + at + (long){m} * {rb});",
+                            rb = k / 4
+                        )
+                    } else {
+                        String::new()
+                    },
                     per = if glu.is_some() { 2 } else { 4 },
                     rb = k / 4,
                     words = k / 16,
@@ -1315,6 +1358,19 @@ typedef unsigned short u16;
 
 __device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+
+// Programmatic dependent launch (sm_90 and later): waits until the kernels before this one have
+// finished and their writes are visible, then lets the next kernel's blocks start (to prefetch
+// their weights, then wait here in turn). Launched without the attribute, a kernel passes
+// through at once.
+__device__ __forceinline__ void await_inputs() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// A hint: the 128-byte line at `p` into L2.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 "#;
 
 /// Helpers every module has after [`PRIMITIVES`]: block reductions, ggml's `expf`, the
@@ -1582,6 +1638,13 @@ __device__ float f32_row_f64(const float* w, const float* x, int k) {
 }
 
 "#;
+
+/// Whether every kernel of a module's PTX waits for its inputs (`griddepcontrol.wait`, in PTX
+/// for sm_90 and later), so that it may be launched before the kernel it depends on ends.
+pub fn every_kernel_awaits_inputs(ptx: &str) -> bool {
+    let mut entries = ptx.split(".entry ").skip(1).peekable();
+    entries.peek().is_some() && entries.all(|f| f.contains("griddepcontrol.wait"))
+}
 
 /// One module: [`PRIMITIVES`], then [`kernels`].
 pub fn module(specs: &[KernelSpec]) -> String {

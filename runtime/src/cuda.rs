@@ -260,6 +260,13 @@ pub struct Cuda {
     memory: Vec<CudaSlice<u8>>,
     /// The launches of a one-token step, captured once per key (session slot) and replayed.
     graphs: Vec<Option<Graph>>,
+    /// Whether launches may overlap the kernel before them (programmatic dependent launch):
+    /// asked for with `BITNETC_CUDA_PDL=1`, and used on sm_90 and later when every kernel of
+    /// the module waits for its inputs (`griddepcontrol.wait`, see `render::PRIMITIVES`).
+    pdl: bool,
+    pdl_wanted: bool,
+    /// What the device's name adds about it.
+    pdl_note: &'static str,
 }
 
 impl Cuda {
@@ -285,6 +292,9 @@ impl Cuda {
             functions: Vec::new(),
             memory: Vec::new(),
             graphs: Vec::new(),
+            pdl: false,
+            pdl_wanted: std::env::var("BITNETC_CUDA_PDL").is_ok_and(|v| v == "1"),
+            pdl_note: "",
         })
     }
 
@@ -300,7 +310,7 @@ impl Cuda {
 
 impl Device for Cuda {
     fn name(&self) -> String {
-        self.name.clone()
+        format!("{}{}", self.name, self.pdl_note)
     }
 
     /// PTX from `ptx`: the newest `sm_XY` not newer than the device, which the driver compiles
@@ -324,6 +334,19 @@ impl Device for Cuda {
                     bitnetc_codegen_cuda::nvrtc::cache_dir().as_deref(),
                 )?
                 .0
+            }
+        };
+        // A kernel that does not wait for its inputs (PTX for an older architecture, or from a
+        // plan compiled by an older bitnetc) must not start before the one before it ends.
+        self.pdl = self.pdl_wanted && self.cc >= 90 && render::every_kernel_awaits_inputs(&ptx);
+        self.pdl_note = match (self.pdl_wanted, self.pdl) {
+            (false, _) => "",
+            (true, true) => ", programmatic dependent launch",
+            (true, false) if self.cc < 90 => {
+                ", BITNETC_CUDA_PDL=1 not used: the GPU is older than sm_90"
+            }
+            (true, false) => {
+                ", BITNETC_CUDA_PDL=1 not used: a kernel of the module does not wait for its inputs"
             }
         };
         self.module = Some(self.ctx.load_module(Ptx::from_src(ptx)).map_err(driver)?);
@@ -387,6 +410,46 @@ impl Device for Cuda {
             .functions
             .get(f)
             .ok_or_else(|| GpuError::Driver(format!("no kernel {f}")))?;
+        if self.pdl {
+            use cudarc::driver::sys;
+            let mut params: Vec<*mut std::ffi::c_void> = args
+                .iter()
+                .map(|a| match a {
+                    KernelArg::U64(p) => p as *const u64 as *mut std::ffi::c_void,
+                    KernelArg::I64(n) => n as *const i64 as *mut std::ffi::c_void,
+                    KernelArg::I32(n) => n as *const i32 as *mut std::ffi::c_void,
+                })
+                .collect();
+            // SAFETY: a plain C struct and union, for which all zeros is valid.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: 0,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: the caller's contract for the arguments; `params` points at them and
+            // `cfg` at `attr`, all alive for the call, which copies what it needs.
+            return unsafe {
+                sys::cuLaunchKernelEx(
+                    &cfg,
+                    f.cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .map_err(driver);
+        }
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (block, 1, 1),

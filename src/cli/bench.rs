@@ -159,6 +159,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 gpu_sessions: 1,
             };
             let model = super::load(Some(path), a.kv_cache, Some(context), None, &exec)?;
+            if let Some(device) = model.engine.device() {
+                eprintln!("{}: on {device}", path.display());
+            }
             let desc = bitnetc::gguf::describe::describe(&model.file, false);
             let main_type = desc
                 .totals
