@@ -1026,7 +1026,14 @@ impl KernelSpec {
     __shared__ float kr[{d}];
     const long t = 0;
     const int head = blockIdx.y, c = blockIdx.z;
+    // The chunk's cached keys (earlier steps wrote them; the positions came before every
+    // kernel of the step) into L2 while the kernel before finishes.
     const int p = pos[t], n = p + 1;
+    if (c * {ch} + (int)threadIdx.x < p) {{
+        const u8* key = (const u8*)(kc + ((long)(c * {ch} + threadIdx.x) * {g} + head / {group}) * {d});
+        for (int l = 0; l < {d} * 2; l += 128) prefetch_l2(key + l);
+    }}
+    await_inputs();
     if (c * {ch} >= n) {{
         if (threadIdx.x == 0) cmax[head * chunks + c] = -INFINITY;
         return;
@@ -1136,7 +1143,13 @@ extern "C" __global__ void {name}_pv(const float* sc, const float* cmax, const u
     const long t = blockIdx.x;
     const int head = blockIdx.y, c = blockIdx.z;
     const long th = t * {h} + head;
+    // The chunk's cached values into L2 while the kernel before finishes.
     const int n = pos[t] + 1;
+    if (threadIdx.x < {ch} && c * {ch} + (int)threadIdx.x < n) {{
+        const u8* value = (const u8*)(vc + ((long)(c * {ch} + threadIdx.x) * {g} + head / {group}) * {d});
+        for (int l = 0; l < {d} * 2; l += 128) prefetch_l2(value + l);
+    }}
+    await_inputs();
     if (c * {ch} >= n) return;
     const int used = (n + {ch} - 1) / {ch};
     float mx = -INFINITY;
