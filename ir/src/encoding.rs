@@ -184,6 +184,39 @@ impl Encoding {
         Ok(out)
     }
 
+    /// Rows `first ..` of a `[rows, k]` matrix in this encoding (`data`, the whole matrix)
+    /// re-encoded to `target` into `out`, as many rows as it holds (whole rows of `target`):
+    /// each row decoded to f32, then encoded as [`Encoding::encode`] does.
+    pub fn reencode_rows(
+        self,
+        data: &[u8],
+        rows: u64,
+        k: u64,
+        first: u64,
+        target: Encoding,
+        out: &mut [u8],
+    ) -> Result<(), EncodingError> {
+        let row_out = target.byte_size(k)? as usize;
+        if row_out == 0 || !out.len().is_multiple_of(row_out) {
+            return Err(EncodingError::ByteLength {
+                encoding: target,
+                n: k,
+                expected: row_out as u64,
+                actual: out.len(),
+            });
+        }
+        let n = rows.checked_mul(k).ok_or(EncodingError::TooLarge {
+            encoding: self,
+            n: u64::MAX,
+        })?;
+        let mut row = vec![0f32; k as usize];
+        for (j, dst) in out.chunks_exact_mut(row_out).enumerate() {
+            self.decode_range(data, n, (first + j as u64) * k, &mut row)?;
+            dst.copy_from_slice(&target.encode(&row)?);
+        }
+        Ok(())
+    }
+
     /// Decodes elements `start .. start + out.len()` of a tensor of `n` elements (flattened
     /// order). `data` is the whole tensor.
     pub fn decode_range(
@@ -897,6 +930,38 @@ mod tests {
         let mut b: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
         b.extend_from_slice(rest);
         b
+    }
+
+    #[test]
+    fn rows_reencode_as_each_row_would_encode() {
+        let mut next = lcg(11);
+        let values: Vec<f32> = (0..4 * 64).map(|_| next()).collect();
+        let f16 = Encoding::F16.encode(&values).unwrap();
+        let row = Encoding::Q4_1.byte_size(64).unwrap() as usize;
+        assert_eq!(row, 40);
+        // Rows 1 and 2 of the four.
+        let mut out = vec![0u8; 2 * row];
+        Encoding::F16
+            .reencode_rows(&f16, 4, 64, 1, Encoding::Q4_1, &mut out)
+            .unwrap();
+        for (j, got) in out.chunks_exact(row).enumerate() {
+            let r = 1 + j;
+            let decoded: Vec<f32> = values[r * 64..(r + 1) * 64]
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect();
+            assert_eq!(got, Encoding::Q4_1.encode(&decoded).unwrap(), "row {r}");
+        }
+        // Part of a row, and rows past the matrix, are errors.
+        let e = Encoding::F16
+            .reencode_rows(&f16, 4, 64, 0, Encoding::Q4_1, &mut out[..row + 1])
+            .unwrap_err();
+        assert!(e.to_string().contains("must be 40 bytes, got 41"), "{e}");
+        assert!(
+            Encoding::F16
+                .reencode_rows(&f16, 4, 64, 3, Encoding::Q4_1, &mut out)
+                .is_err()
+        );
     }
 
     #[test]

@@ -1494,7 +1494,7 @@ fn reencode(
         )));
     }
     let row_out = target.byte_size(k as u64).map_err(|e| err(e.to_string()))? as usize;
-    let (enc, data, n) = (w.encoding, w.bytes, (rows * k) as u64);
+    let (enc, data) = (w.encoding, w.bytes);
     let mut out = vec![0u8; rows * row_out];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = rows.div_ceil(threads).max(1);
@@ -1504,14 +1504,8 @@ fn reencode(
             .enumerate()
             .map(|(c, chunk)| {
                 scope.spawn(move || -> Result<(), String> {
-                    let mut row = vec![0f32; k];
-                    for (j, dst) in chunk.chunks_mut(row_out).enumerate() {
-                        let start = ((c * per + j) * k) as u64;
-                        enc.decode_range(data, n, start, &mut row)
-                            .map_err(|e| e.to_string())?;
-                        dst.copy_from_slice(&target.encode(&row).map_err(|e| e.to_string())?);
-                    }
-                    Ok(())
+                    enc.reencode_rows(data, rows as u64, k as u64, (c * per) as u64, target, chunk)
+                        .map_err(|e| e.to_string())
                 })
             })
             .collect();

@@ -2121,31 +2121,24 @@ impl<'p> Builder<'p> {
             let failure: Mutex<Option<String>> = Mutex::new(None);
             let (src, enc) = (Bytes::of(w.bytes), w.encoding);
             self.pool.run(&|wi, nw| {
-                let mut row = vec![0.0f32; k];
-                for r in split(rows, wi, nw, 1) {
-                    let res = enc
-                        .decode_range(
-                            &src.get()[r * row_in..(r + 1) * row_in],
-                            k as u64,
-                            0,
-                            &mut row,
-                        )
-                        .and_then(|_| target.encode(&row));
-                    match res {
-                        // SAFETY: each worker writes its own rows.
-                        Ok(b) => unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                b.as_ptr(),
-                                dst.get().add(r * row_out),
-                                row_out,
-                            )
-                        },
-                        Err(e) => {
-                            *failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(e.to_string());
-                            return;
-                        }
-                    }
+                let r = split(rows, wi, nw, 1);
+                // SAFETY: each worker writes its own rows of `bytes`.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        dst.get().add(r.start * row_out),
+                        r.len() * row_out,
+                    )
+                };
+                let res = enc.reencode_rows(
+                    src.get(),
+                    rows as u64,
+                    k as u64,
+                    r.start as u64,
+                    target,
+                    out,
+                );
+                if let Err(e) = res {
+                    *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 }
             });
             if let Some(m) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
