@@ -160,9 +160,10 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// `f16 scale × activation scale` of blocks `b..b+8` (fewer at the end), converted eight
-    /// at a time: the f16s at byte `at` of each block gathered into one register (a scalar
+    /// at a time: the f16s at byte `at` of each block inserted into one register (a scalar
     /// conversion per block would tie each block to the previous one through the register
-    /// the compiler merges it into; a copy through memory stalls on store forwarding).
+    /// the compiler merges it into; a copy through memory stalls on store forwarding, and a
+    /// gather is slower than eight inserts).
     #[target_feature(enable = "avx2,f16c,avx512f,avx512vl")]
     unsafe fn scales(
         w: *const u8,
@@ -174,22 +175,27 @@ mod x86 {
         out: &mut [f32; 8],
     ) {
         let n = (blocks - b).min(8);
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
-        let offsets = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(block_bytes as i32));
-        // SAFETY: blocks b..b+n exist and each holds 4 bytes from byte `at` (an f16 scale and
-        // what follows it in the block); lanes past n are neither read nor used, and `xd`
-        // holds `blocks` scales.
+        let p = w.wrapping_add(b * block_bytes + at);
+        // SAFETY: blocks b..b+n exist; the f16 of block b + j is read only for j < n.
+        let h = |j: usize| -> i32 {
+            if j < n {
+                unsafe { std::ptr::read_unaligned(p.add(j * block_bytes) as *const u16) as i32 }
+            } else {
+                0
+            }
+        };
+        let mut v = _mm_cvtsi32_si128(h(0));
+        v = _mm_insert_epi16::<1>(v, h(1));
+        v = _mm_insert_epi16::<2>(v, h(2));
+        v = _mm_insert_epi16::<3>(v, h(3));
+        v = _mm_insert_epi16::<4>(v, h(4));
+        v = _mm_insert_epi16::<5>(v, h(5));
+        v = _mm_insert_epi16::<6>(v, h(6));
+        v = _mm_insert_epi16::<7>(v, h(7));
+        // SAFETY: `xd` holds `blocks` scales; lanes past n are not read.
         unsafe {
-            let words = _mm256_mask_i32gather_epi32::<1>(
-                _mm256_setzero_si256(),
-                w.add(b * block_bytes + at) as *const i32,
-                offsets,
-                live,
-            );
-            let d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(words));
             let act = _mm256_maskz_loadu_ps(((1u32 << n) - 1) as u8, xd.add(b));
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(d, act));
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(_mm256_cvtph_ps(v), act));
         }
     }
 
