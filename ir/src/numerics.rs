@@ -5,7 +5,15 @@ use half::{bf16, f16};
 
 /// ggml's `nearest_int`: round half to even (the `x + 1.5·2^23` trick, valid for |x| < 2^22).
 pub fn nearest_int(x: f32) -> i32 {
-    x.round_ties_even() as i32
+    round_small(x) as i32
+}
+
+/// `x` rounded half to even, for |x| < 2^22: adding and taking away `1.5·2^23` leaves no
+/// fraction bits (`f32::round_ties_even` is a libm call on the x86-64 baseline).
+#[inline]
+pub fn round_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12582912.0;
+    (x + MAGIC) - MAGIC
 }
 
 /// ggml RMSNorm of one row, times a gain: the sum of `(f32)(x·x)` in f64, `mean` rounded to
@@ -88,7 +96,7 @@ pub fn quantize_q8_block(b: &[f32], qs: &mut [i8]) -> (f32, f32) {
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;
     for (q, &v) in qs.iter_mut().zip(b) {
-        *q = (v * id).round_ties_even() as i8;
+        *q = round_small(v * id) as i8;
         sum += *q as i32;
     }
     (round_f16(d), round_f16(d * sum as f32))
@@ -321,6 +329,27 @@ pub fn dot_f64(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_small_is_round_half_to_even_below_2_to_22() {
+        let halves = (-4000..=4000).map(|k| k as f32 / 8.0);
+        let large = [
+            4194303.5f32,
+            -4194303.5,
+            4194302.5,
+            2097152.5,
+            -0.5,
+            0.5,
+            1.5,
+            2.5,
+        ];
+        let steps = (0..1000).map(|i| (i as f32 * 0.37).sin() * 127.49);
+        for x in halves.chain(large).chain(steps) {
+            assert_eq!(round_small(x), x.round_ties_even(), "{x}");
+        }
+        assert_eq!(nearest_int(-2.5), -2);
+        assert_eq!(nearest_int(3.5), 4);
+    }
 
     #[test]
     fn quant_act_matches_bitnet_cpp_rules() {
