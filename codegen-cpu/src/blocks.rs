@@ -172,8 +172,7 @@ mod x86 {
         b: usize,
         blocks: usize,
         xd: *const f32,
-        out: &mut [f32; 8],
-    ) {
+    ) -> __m256 {
         let n = (blocks - b).min(8);
         let p = w.wrapping_add(b * block_bytes + at);
         // SAFETY: blocks b..b+n exist; the f16 of block b + j is read only for j < n.
@@ -195,7 +194,7 @@ mod x86 {
         // SAFETY: `xd` holds `blocks` scales; lanes past n are not read.
         unsafe {
             let act = _mm256_maskz_loadu_ps(((1u32 << n) - 1) as u8, xd.add(b));
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(_mm256_cvtph_ps(v), act));
+            _mm256_mul_ps(_mm256_cvtph_ps(v), act)
         }
     }
 
@@ -238,18 +237,21 @@ mod x86 {
             let low = _mm256_set1_epi8(0x0f);
             let eight = _mm256_set1_epi8(8);
             let mut acc = [_mm256_setzero_ps(); R];
-            let mut summs = [0.0f32; R];
-            let mut ds = [[0.0f32; 8]; R];
-            let mut ms = [[0.0f32; 8]; R];
+            // The scales of eight blocks stay in registers; block `b` takes lane `b % 8`, and
+            // the `m·s` sum runs in every lane of `summs` (lane 0 read at the end).
+            let mut summs = [_mm256_setzero_ps(); R];
+            let mut ds = [_mm256_setzero_ps(); R];
+            let mut ms = [_mm256_setzero_ps(); R];
             for b in 0..blocks {
                 if b % 8 == 0 {
                     for r in 0..R {
-                        scales(w.add(r * row_bytes), bb, 0, b, blocks, xd, &mut ds[r]);
+                        ds[r] = scales(w.add(r * row_bytes), bb, 0, b, blocks, xd);
                         if E == 2 {
-                            scales(w.add(r * row_bytes), bb, 2, b, blocks, xs, &mut ms[r]);
+                            ms[r] = scales(w.add(r * row_bytes), bb, 2, b, blocks, xs);
                         }
                     }
                 }
+                let lane = _mm256_set1_epi32((b % 8) as i32);
                 let x = _mm256_loadu_si256(xq.add(32 * b) as *const __m256i);
                 for r in 0..R {
                     let wb = w.add(r * row_bytes + bb * b);
@@ -263,7 +265,8 @@ mod x86 {
                             signed_lanes(_mm256_sub_epi8(_mm256_and_si256(both, low), eight), x)
                         }
                         _ => {
-                            summs[r] += ms[r][b % 8];
+                            summs[r] =
+                                _mm256_add_ps(summs[r], _mm256_permutevar8x32_ps(ms[r], lane));
                             let packed = _mm_loadu_si128(wb.add(4) as *const __m128i);
                             let q = _mm256_and_si256(
                                 _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
@@ -273,7 +276,7 @@ mod x86 {
                         }
                     };
                     acc[r] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(ds[r][b % 8]),
+                        _mm256_permutevar8x32_ps(ds[r], lane),
                         _mm256_cvtepi32_ps(lanes),
                         acc[r],
                     );
@@ -281,7 +284,7 @@ mod x86 {
             }
             for r in 0..R {
                 // The reference adds the (zero for Q8_0/Q4_0) `m·s` sum too.
-                *out.add(r) = hsum8(acc[r]) + summs[r];
+                *out.add(r) = hsum8(acc[r]) + _mm256_cvtss_f32(summs[r]);
             }
         }
     }
