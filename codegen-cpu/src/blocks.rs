@@ -289,6 +289,208 @@ mod x86 {
         }
     }
 
+    /// Signed weights × signed activations per lane of four on 512 bits, as [`signed_lanes`]:
+    /// `|w|` times the activations negated where `w` is negative.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn signed_lanes_z(w: __m512i, x: __m512i) -> __m512i {
+        let negative = _mm512_movepi8_mask(w);
+        let x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), x)
+    }
+
+    /// The 32 nibbles of a 16-byte block of each of two rows as bytes, in the order of
+    /// [`rows_x`]: `[a low nibbles, a high nibbles, b low nibbles, b high nibbles]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn nibbles_z(a: *const u8, b: *const u8) -> __m512i {
+        // SAFETY: the caller's blocks hold 16 bytes at `a` and at `b`.
+        let ab = unsafe {
+            _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(a as *const __m128i)),
+                _mm_loadu_si128(b as *const __m128i),
+            )
+        };
+        let z = _mm512_castsi256_si512(ab);
+        let twice = _mm512_shuffle_i64x2::<0x50>(z, z);
+        let shifted = _mm512_mask_srli_epi16::<4>(twice, 0xff00_ff00, twice);
+        _mm512_and_si512(shifted, _mm512_set1_epi8(0x0f))
+    }
+
+    /// `P` pairs of rows, each pair in 512-bit registers (the first row's eight lanes low, the
+    /// second's high): every lane takes the same integer sums and the same fused multiply-adds
+    /// in the same order as in [`rows_x`], with half the instructions.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows_z<const E: u8, const P: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        let bb = [34, 18, 20][E as usize];
+        unsafe {
+            let eight = _mm512_set1_epi8(8);
+            let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 8, 8);
+            let mut acc = [_mm512_setzero_ps(); P];
+            // Per pair, both rows' scales of eight blocks (`[first | second]`); per row, the
+            // `m·s` sum in every lane, as in `rows_x`.
+            let mut ds = [_mm512_setzero_ps(); P];
+            let mut ms = [[_mm256_setzero_ps(); 2]; P];
+            let mut summs = [[_mm256_setzero_ps(); 2]; P];
+            for b in 0..blocks {
+                if b % 8 == 0 {
+                    for p in 0..P {
+                        let first = w.add(2 * p * row_bytes);
+                        let second = first.add(row_bytes);
+                        let d0 = scales(first, bb, 0, b, blocks, xd);
+                        let d1 = scales(second, bb, 0, b, blocks, xd);
+                        ds[p] = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                            _mm512_castpd256_pd512(_mm256_castps_pd(d0)),
+                            _mm256_castps_pd(d1),
+                        ));
+                        if E == 2 {
+                            ms[p] = [
+                                scales(first, bb, 2, b, blocks, xs),
+                                scales(second, bb, 2, b, blocks, xs),
+                            ];
+                        }
+                    }
+                }
+                let j = (b % 8) as i32;
+                let lane = _mm256_set1_epi32(j);
+                let lanes16 = _mm512_add_epi32(halves, _mm512_set1_epi32(j));
+                let x =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(xq.add(32 * b) as *const __m256i));
+                for p in 0..P {
+                    let first = w.add(2 * p * row_bytes + bb * b);
+                    let second = first.add(row_bytes);
+                    _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(8192) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(second.wrapping_add(8192) as *const i8);
+                    let lanes = match E {
+                        0 => signed_lanes_z(
+                            _mm512_inserti64x4::<1>(
+                                _mm512_castsi256_si512(_mm256_loadu_si256(
+                                    first.add(2) as *const __m256i
+                                )),
+                                _mm256_loadu_si256(second.add(2) as *const __m256i),
+                            ),
+                            x,
+                        ),
+                        1 => signed_lanes_z(
+                            _mm512_sub_epi8(nibbles_z(first.add(2), second.add(2)), eight),
+                            x,
+                        ),
+                        _ => {
+                            for (i, m) in ms[p].iter().enumerate() {
+                                summs[p][i] =
+                                    _mm256_add_ps(summs[p][i], _mm256_permutevar8x32_ps(*m, lane));
+                            }
+                            _mm512_dpbusd_epi32(
+                                _mm512_setzero_si512(),
+                                nibbles_z(first.add(4), second.add(4)),
+                                x,
+                            )
+                        }
+                    };
+                    acc[p] = _mm512_fmadd_ps(
+                        _mm512_permutexvar_ps(lanes16, ds[p]),
+                        _mm512_cvtepi32_ps(lanes),
+                        acc[p],
+                    );
+                }
+            }
+            for p in 0..P {
+                let low = _mm512_castps512_ps256(acc[p]);
+                let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[p])));
+                *out.add(2 * p) = hsum8(low) + _mm256_cvtss_f32(summs[p][0]);
+                *out.add(2 * p + 1) = hsum8(high) + _mm256_cvtss_f32(summs[p][1]);
+            }
+        }
+    }
+
+    /// Four rows at a time in pairs of 512-bit registers, then a pair, then one.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows_zmm<const E: u8>(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        let mut r = 0;
+        unsafe {
+            while r + 4 <= rows {
+                let (w, out) = (w.add(r * row_bytes), out.add(r));
+                rows_z::<E, 2>(w, row_bytes, blocks, xq, xd, xs, out);
+                r += 4;
+            }
+            if r + 2 <= rows {
+                let (w, out) = (w.add(r * row_bytes), out.add(r));
+                rows_z::<E, 1>(w, row_bytes, blocks, xq, xd, xs, out);
+                r += 2;
+            }
+            if r < rows {
+                let (w, out) = (w.add(r * row_bytes), out.add(r));
+                rows_x::<E, 1>(w, row_bytes, blocks, xq, xd, xs, out);
+            }
+        }
+    }
+
+    /// Q8_0 on 512-bit registers, two rows per register.
+    ///
+    /// # Safety
+    /// See [`BlockDotFn`]; the CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI.
+    pub unsafe fn q8_0_zmm(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        unsafe { rows_zmm::<0>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
+    }
+
+    /// Q4_0 on 512-bit registers.
+    ///
+    /// # Safety
+    /// See [`q8_0_zmm`].
+    pub unsafe fn q4_0_zmm(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        unsafe { rows_zmm::<1>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
+    }
+
+    /// Q4_1 on 512-bit registers.
+    ///
+    /// # Safety
+    /// See [`q8_0_zmm`].
+    pub unsafe fn q4_1_zmm(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        unsafe { rows_zmm::<2>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
+    }
+
     /// Four rows at a time, then one.
     #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
     unsafe fn rows_vnni<const E: u8>(
@@ -382,30 +584,45 @@ mod x86 {
     }
 }
 
-/// The block-dot variant for `enc` (Q8_0, Q4_0 or Q4_1) on this host, or `None` for other
-/// encodings; `portable` forces the scalar one.
-pub fn select(enc: Encoding, portable: bool) -> Option<(&'static str, BlockDotFn)> {
+/// The block-dot variants for `enc` (Q8_0, Q4_0 or Q4_1) that run on this host, fastest
+/// first; the scalar one last. Empty for other encodings.
+pub fn variants(enc: Encoding) -> Vec<(&'static str, BlockDotFn)> {
+    let mut out: Vec<(&'static str, BlockDotFn)> = Vec::new();
     #[cfg(target_arch = "x86_64")]
-    if !portable
-        && std::is_x86_feature_detected!("avx512vnni")
+    if std::is_x86_feature_detected!("avx512vnni")
         && std::is_x86_feature_detected!("avx512vl")
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c")
     {
-        return match enc {
-            Encoding::Q8_0 => Some(("avx512-vnni", x86::q8_0_vnni as BlockDotFn)),
-            Encoding::Q4_0 => Some(("avx512-vnni", x86::q4_0_vnni)),
-            Encoding::Q4_1 => Some(("avx512-vnni", x86::q4_1_vnni)),
-            _ => None,
-        };
+        if std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512f") {
+            match enc {
+                Encoding::Q8_0 => out.push(("avx512-vnni-zmm", x86::q8_0_zmm)),
+                Encoding::Q4_0 => out.push(("avx512-vnni-zmm", x86::q4_0_zmm)),
+                Encoding::Q4_1 => out.push(("avx512-vnni-zmm", x86::q4_1_zmm)),
+                _ => {}
+            }
+        }
+        match enc {
+            Encoding::Q8_0 => out.push(("avx512-vnni", x86::q8_0_vnni)),
+            Encoding::Q4_0 => out.push(("avx512-vnni", x86::q4_0_vnni)),
+            Encoding::Q4_1 => out.push(("avx512-vnni", x86::q4_1_vnni)),
+            _ => {}
+        }
     }
-    let _ = portable;
     match enc {
-        Encoding::Q8_0 => Some(("scalar", q8_0_scalar as BlockDotFn)),
-        Encoding::Q4_0 => Some(("scalar", q4_0_scalar)),
-        Encoding::Q4_1 => Some(("scalar", q4_1_scalar)),
-        _ => None,
+        Encoding::Q8_0 => out.push(("scalar", q8_0_scalar)),
+        Encoding::Q4_0 => out.push(("scalar", q4_0_scalar)),
+        Encoding::Q4_1 => out.push(("scalar", q4_1_scalar)),
+        _ => {}
     }
+    out
+}
+
+/// The block-dot variant for `enc` (Q8_0, Q4_0 or Q4_1) on this host, or `None` for other
+/// encodings; `portable` forces the scalar one.
+pub fn select(enc: Encoding, portable: bool) -> Option<(&'static str, BlockDotFn)> {
+    let all = variants(enc);
+    if portable { all.last() } else { all.first() }.copied()
 }
 
 #[cfg(test)]
@@ -461,8 +678,14 @@ mod tests {
             let xq: Vec<i8> = blocks.iter().flat_map(|b| b.qs).collect();
             let xd: Vec<f32> = blocks.iter().map(|b| b.d).collect();
             let xs: Vec<f32> = blocks.iter().map(|b| b.s).collect();
-            for portable in [true, false] {
-                let (name, f) = select(enc, portable).unwrap();
+            let all = variants(enc);
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+            {
+                assert_eq!(all.len(), 3, "{enc}");
+            }
+            for (name, f) in all {
                 let row_bytes = k / 32 * enc.block_bytes();
                 let mut got = vec![0.0f32; rows];
                 unsafe {
