@@ -159,19 +159,18 @@ pub unsafe fn q4_1_scalar(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `f16 scale × activation scale` of blocks `b..b+8` (fewer at the end), converted eight
-    /// at a time: the f16s at byte `at` of each block inserted into one register (a scalar
+    /// The f16 scales at byte `at` of blocks `b..b+8` (zero past the last block), converted
+    /// eight at a time: the f16s of the blocks inserted into one register (a scalar
     /// conversion per block would tie each block to the previous one through the register
     /// the compiler merges it into; a copy through memory stalls on store forwarding, and a
     /// gather is slower than eight inserts).
     #[target_feature(enable = "avx2,f16c,avx512f,avx512vl")]
-    unsafe fn scales(
+    unsafe fn halves(
         w: *const u8,
         block_bytes: usize,
         at: usize,
         b: usize,
         blocks: usize,
-        xd: *const f32,
     ) -> __m256 {
         let n = (blocks - b).min(8);
         let p = w.wrapping_add(b * block_bytes + at);
@@ -191,10 +190,24 @@ mod x86 {
         v = _mm_insert_epi16::<5>(v, h(5));
         v = _mm_insert_epi16::<6>(v, h(6));
         v = _mm_insert_epi16::<7>(v, h(7));
-        // SAFETY: `xd` holds `blocks` scales; lanes past n are not read.
+        _mm256_cvtph_ps(v)
+    }
+
+    /// [`halves`] times the activation scales `xd[b..b+8]` (zero past the last block).
+    #[target_feature(enable = "avx2,f16c,avx512f,avx512vl")]
+    unsafe fn scales(
+        w: *const u8,
+        block_bytes: usize,
+        at: usize,
+        b: usize,
+        blocks: usize,
+        xd: *const f32,
+    ) -> __m256 {
+        let n = (blocks - b).min(8);
+        // SAFETY: as `halves`; `xd` holds `blocks` scales, lanes past n are not read.
         unsafe {
             let act = _mm256_maskz_loadu_ps(((1u32 << n) - 1) as u8, xd.add(b));
-            _mm256_mul_ps(_mm256_cvtph_ps(v), act)
+            _mm256_mul_ps(halves(w, block_bytes, at, b, blocks), act)
         }
     }
 
@@ -409,6 +422,215 @@ mod x86 {
         }
     }
 
+    /// A pair of rows against `T` tokens (token `t`'s activations `32·blocks` values, and
+    /// `blocks` scales, after token `t − 1`'s), each weight block loaded and unpacked once for
+    /// the `T`: every (row, token) takes the lane sums, products and fused multiply-adds of
+    /// [`rows_z`], in the same order.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn gemm_z<const E: u8, const T: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let bb = [34, 18, 20][E as usize];
+        let k = 32 * blocks;
+        let pair = |a: __m256, b: __m256| {
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castpd256_pd512(_mm256_castps_pd(a)),
+                _mm256_castps_pd(b),
+            ))
+        };
+        unsafe {
+            let eight = _mm512_set1_epi8(8);
+            let sides = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 8, 8);
+            let mut acc = [_mm512_setzero_ps(); T];
+            let mut summs = [_mm512_setzero_ps(); T];
+            let (mut dw, mut mw) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let second_row = w.add(row_bytes);
+            for b in 0..blocks {
+                if b % 8 == 0 {
+                    dw = pair(
+                        halves(w, bb, 0, b, blocks),
+                        halves(second_row, bb, 0, b, blocks),
+                    );
+                    if E == 2 {
+                        mw = pair(
+                            halves(w, bb, 2, b, blocks),
+                            halves(second_row, bb, 2, b, blocks),
+                        );
+                    }
+                }
+                let lanes16 = _mm512_add_epi32(sides, _mm512_set1_epi32((b % 8) as i32));
+                let d = _mm512_permutexvar_ps(lanes16, dw);
+                let m = _mm512_permutexvar_ps(lanes16, mw);
+                let first = w.add(bb * b);
+                let second = first.add(row_bytes);
+                _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(8192) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(second.wrapping_add(8192) as *const i8);
+                // The weights as unsigned bytes, and (signed encodings) where they are negative.
+                let (wq, negative) = match E {
+                    0 => {
+                        let q = _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm256_loadu_si256(
+                                first.add(2) as *const __m256i
+                            )),
+                            _mm256_loadu_si256(second.add(2) as *const __m256i),
+                        );
+                        (_mm512_abs_epi8(q), _mm512_movepi8_mask(q))
+                    }
+                    1 => {
+                        let q = _mm512_sub_epi8(nibbles_z(first.add(2), second.add(2)), eight);
+                        (_mm512_abs_epi8(q), _mm512_movepi8_mask(q))
+                    }
+                    _ => (nibbles_z(first.add(4), second.add(4)), 0),
+                };
+                for t in 0..T {
+                    let x = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        xq.add(t * k + 32 * b) as *const __m256i
+                    ));
+                    let x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, x);
+                    if E == 2 {
+                        let s = _mm512_set1_ps(*xs.add(t * blocks + b));
+                        summs[t] = _mm512_add_ps(summs[t], _mm512_mul_ps(m, s));
+                    }
+                    acc[t] = _mm512_fmadd_ps(
+                        _mm512_mul_ps(d, _mm512_set1_ps(*xd.add(t * blocks + b))),
+                        _mm512_cvtepi32_ps(lanes),
+                        acc[t],
+                    );
+                }
+            }
+            let high =
+                |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            for t in 0..T {
+                let o = out.add(t * out_stride);
+                *o = hsum8(_mm512_castps512_ps256(acc[t]))
+                    + _mm256_cvtss_f32(_mm512_castps512_ps256(summs[t]));
+                *o.add(1) = hsum8(high(acc[t])) + _mm256_cvtss_f32(high(summs[t]));
+            }
+        }
+    }
+
+    /// Rows against several tokens: four tokens at a time (then one) over every pair of rows,
+    /// then the last row token by token.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn gemm_zmm<const E: u8>(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        tokens: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let k = 32 * blocks;
+        unsafe {
+            let mut t = 0;
+            while t < tokens {
+                let (xq, xd, xs) = (xq.add(t * k), xd.add(t * blocks), xs.add(t * blocks));
+                let o = out.add(t * out_stride);
+                let four = t + 4 <= tokens;
+                let mut r = 0;
+                while r + 2 <= rows {
+                    let (w, o) = (w.add(r * row_bytes), o.add(r));
+                    if four {
+                        gemm_z::<E, 4>(w, row_bytes, blocks, xq, xd, xs, o, out_stride);
+                    } else {
+                        gemm_z::<E, 1>(w, row_bytes, blocks, xq, xd, xs, o, out_stride);
+                    }
+                    r += 2;
+                }
+                let n = if four { 4 } else { 1 };
+                if r < rows {
+                    for u in 0..n {
+                        let (xq, xd, xs) = (xq.add(u * k), xd.add(u * blocks), xs.add(u * blocks));
+                        let o = o.add(u * out_stride + r);
+                        rows_x::<E, 1>(w.add(r * row_bytes), row_bytes, blocks, xq, xd, xs, o);
+                    }
+                }
+                t += n;
+            }
+        }
+    }
+
+    /// Q8_0 rows against several tokens.
+    ///
+    /// # Safety
+    /// See [`BlockGemmFn`](super::BlockGemmFn) and [`q8_0_zmm`].
+    pub unsafe fn q8_0_gemm_zmm(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        tokens: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe {
+            gemm_zmm::<0>(
+                w, row_bytes, rows, blocks, xq, xd, xs, tokens, out, out_stride,
+            )
+        }
+    }
+
+    /// Q4_0 rows against several tokens.
+    ///
+    /// # Safety
+    /// See [`q8_0_gemm_zmm`].
+    pub unsafe fn q4_0_gemm_zmm(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        tokens: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe {
+            gemm_zmm::<1>(
+                w, row_bytes, rows, blocks, xq, xd, xs, tokens, out, out_stride,
+            )
+        }
+    }
+
+    /// Q4_1 rows against several tokens.
+    ///
+    /// # Safety
+    /// See [`q8_0_gemm_zmm`].
+    pub unsafe fn q4_1_gemm_zmm(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        tokens: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe {
+            gemm_zmm::<2>(
+                w, row_bytes, rows, blocks, xq, xd, xs, tokens, out, out_stride,
+            )
+        }
+    }
+
     /// Four rows at a time in pairs of 512-bit registers, then a pair, then one.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows_zmm<const E: u8>(
@@ -584,6 +806,47 @@ mod x86 {
     }
 }
 
+/// Rows `0..rows` against `tokens` tokens into `out`: token `t`'s activations are
+/// `xq + t·32·blocks`, `xd + t·blocks` and `xs + t·blocks` (as [`BlockDotFn`] takes one
+/// token's), its results `out + t·out_stride`; each (row, token) the bits of a [`BlockDotFn`].
+///
+/// # Safety
+/// As [`BlockDotFn`], for `tokens` tokens; `out` holds `tokens` rows of `out_stride` floats
+/// (at least `rows`).
+pub type BlockGemmFn = unsafe fn(
+    w: *const u8,
+    row_bytes: usize,
+    rows: usize,
+    blocks: usize,
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+    tokens: usize,
+    out: *mut f32,
+    out_stride: usize,
+);
+
+/// The multi-token kernel for `enc` on this host (AVX-512 F/BW/VL/VNNI), if there is one.
+pub fn select_gemm(enc: Encoding) -> Option<(&'static str, BlockGemmFn)> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512vnni")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        return match enc {
+            Encoding::Q8_0 => Some(("avx512-vnni-zmm", x86::q8_0_gemm_zmm as BlockGemmFn)),
+            Encoding::Q4_0 => Some(("avx512-vnni-zmm", x86::q4_0_gemm_zmm)),
+            Encoding::Q4_1 => Some(("avx512-vnni-zmm", x86::q4_1_gemm_zmm)),
+            _ => None,
+        };
+    }
+    let _ = enc;
+    None
+}
+
 /// The block-dot variants for `enc` (Q8_0, Q4_0 or Q4_1) that run on this host, fastest
 /// first; the scalar one last. Empty for other encodings.
 pub fn variants(enc: Encoding) -> Vec<(&'static str, BlockDotFn)> {
@@ -703,6 +966,76 @@ mod tests {
                 for r in 0..rows {
                     assert_eq!(got[r].to_bits(), want[r].to_bits(), "{enc} {name} row {r}");
                 }
+            }
+            gemm_equals_the_dot(enc, &bytes, rows, k, &mut next);
+        }
+    }
+
+    /// The multi-token kernel gives every token the bits of the one-token kernel, for token
+    /// counts around its groups of four, into rows of a wider output.
+    fn gemm_equals_the_dot(
+        enc: Encoding,
+        bytes: &[u8],
+        rows: usize,
+        k: usize,
+        next: &mut impl FnMut() -> f32,
+    ) {
+        let Some((name, gemm)) = select_gemm(enc) else {
+            #[cfg(target_arch = "x86_64")]
+            assert!(!std::is_x86_feature_detected!("avx512bw"), "{enc}");
+            return;
+        };
+        let (_, dot) = select(enc, false).unwrap();
+        let (blocks, row_bytes, stride) = (k / 32, k / 32 * enc.block_bytes(), rows + 3);
+        for tokens in [1usize, 3, 4, 6, 9] {
+            let x: Vec<f32> = (0..tokens * k).map(|_| next() * 2.0).collect();
+            let q = quantize_q8_x86(&x);
+            let xq: Vec<i8> = q.iter().flat_map(|b| b.qs).collect();
+            let xd: Vec<f32> = q.iter().map(|b| b.d).collect();
+            let xs: Vec<f32> = q.iter().map(|b| b.s).collect();
+            let mut got = vec![f32::NAN; tokens * stride];
+            unsafe {
+                gemm(
+                    bytes.as_ptr(),
+                    row_bytes,
+                    rows,
+                    blocks,
+                    xq.as_ptr(),
+                    xd.as_ptr(),
+                    xs.as_ptr(),
+                    tokens,
+                    got.as_mut_ptr(),
+                    stride,
+                )
+            };
+            for t in 0..tokens {
+                let mut want = vec![0.0f32; rows];
+                unsafe {
+                    dot(
+                        bytes.as_ptr(),
+                        row_bytes,
+                        rows,
+                        blocks,
+                        xq[t * k..].as_ptr(),
+                        xd[t * blocks..].as_ptr(),
+                        xs[t * blocks..].as_ptr(),
+                        want.as_mut_ptr(),
+                    )
+                };
+                for r in 0..rows {
+                    let g = got[t * stride + r];
+                    assert_eq!(
+                        g.to_bits(),
+                        want[r].to_bits(),
+                        "{enc} {name} {tokens} tokens: token {t} row {r}"
+                    );
+                }
+                // Past the rows, nothing is written.
+                assert!(
+                    got[t * stride + rows..(t + 1) * stride]
+                        .iter()
+                        .all(|v| v.is_nan())
+                );
             }
         }
     }

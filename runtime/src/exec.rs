@@ -7,7 +7,7 @@
 
 use crate::pool::{Pool, split};
 use bitnetc_codegen_cpu::act::{QuantFn, select_quant};
-use bitnetc_codegen_cpu::blocks::BlockDotFn;
+use bitnetc_codegen_cpu::blocks::{BlockDotFn, BlockGemmFn};
 use bitnetc_codegen_cpu::half::HalfDots;
 use bitnetc_codegen_cpu::jit::JitError;
 use bitnetc_codegen_cpu::lut;
@@ -175,6 +175,8 @@ enum Weights {
         parts: Vec<(Bytes, usize)>,
         enc: Encoding,
         dot: BlockDotFn,
+        /// Steps of several tokens, when the host has the kernel (the same bits).
+        gemm: Option<BlockGemmFn>,
     },
     /// Any other encoding, through the interpreter's row numerics.
     Generic {
@@ -1511,7 +1513,9 @@ impl Executor {
                     }
                 });
             }
-            Weights::Blocks { parts, dot, .. } => {
+            Weights::Blocks {
+                parts, dot, gemm, ..
+            } => {
                 let bb = l.k / 32 * self.block_bytes(&l.weights);
                 let blocks = k / 32;
                 // Several tokens: every token over a tile of rows before the next tile, so
@@ -1521,6 +1525,24 @@ impl Executor {
                     for j in (0..n).step_by(tile) {
                         let rows = tile.min(n - j);
                         let w = unsafe { parts[pi].0.ptr.add((local + j) * bb) };
+                        if let Some(gemm) = gemm.filter(|_| tn > 1) {
+                            // SAFETY: as below, for the tn tokens at once.
+                            unsafe {
+                                gemm(
+                                    w,
+                                    bb,
+                                    rows,
+                                    blocks,
+                                    p.q,
+                                    p.qd,
+                                    p.qsm,
+                                    tn,
+                                    into.as_mut_ptr().add(col + j),
+                                    c,
+                                )
+                            };
+                            continue;
+                        }
                         for i in 0..tn {
                             // SAFETY: the part holds `local + n` rows of `blocks` blocks; the
                             // activations hold tn rows; `into` holds tn rows of c.
@@ -2334,6 +2356,7 @@ impl<'p> Builder<'p> {
                 let portable = self.set == KernelSet::Baseline;
                 let (variant, dot) =
                     bitnetc_codegen_cpu::blocks::select(enc, portable).expect("a block encoding");
+                let gemm = bitnetc_codegen_cpu::blocks::select_gemm(enc).filter(|_| !portable);
                 let mut ps = Vec::new();
                 for (name, w) in &parts {
                     let rows = w.shape[0] as usize;
@@ -2354,8 +2377,12 @@ impl<'p> Builder<'p> {
                         parts: ps,
                         enc,
                         dot,
+                        gemm: gemm.map(|g| g.1),
                     },
-                    format!("{enc} [{variant}]"),
+                    match gemm {
+                        Some((g, _)) => format!("{enc} [1 token {variant}, more {g} gemm]"),
+                        None => format!("{enc} [{variant}]"),
+                    },
                 )
             }
             other => {
