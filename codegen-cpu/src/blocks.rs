@@ -518,9 +518,13 @@ mod x86 {
     }
 
     /// Rows against several tokens: four tokens at a time (then one) over every pair of rows,
-    /// then the last row token by token.
+    /// then the last row token by token; `E` 0 Q8_0, 1 Q4_0, 2 Q4_1.
+    ///
+    /// # Safety
+    /// See [`BlockGemmFn`](super::BlockGemmFn); the CPU must have AVX2, FMA, F16C and
+    /// AVX-512 F, BW, VL and VNNI.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn gemm_zmm<const E: u8>(
+    pub unsafe fn gemm_zmm<const E: u8>(
         w: *const u8,
         row_bytes: usize,
         rows: usize,
@@ -562,78 +566,13 @@ mod x86 {
         }
     }
 
-    /// Q8_0 rows against several tokens.
+    /// Four rows at a time in pairs of 512-bit registers, then a pair, then one; `E` as
+    /// [`gemm_zmm`].
     ///
     /// # Safety
-    /// See [`BlockGemmFn`](super::BlockGemmFn) and [`q8_0_zmm`].
-    pub unsafe fn q8_0_gemm_zmm(
-        w: *const u8,
-        row_bytes: usize,
-        rows: usize,
-        blocks: usize,
-        xq: *const i8,
-        xd: *const f32,
-        xs: *const f32,
-        tokens: usize,
-        out: *mut f32,
-        out_stride: usize,
-    ) {
-        unsafe {
-            gemm_zmm::<0>(
-                w, row_bytes, rows, blocks, xq, xd, xs, tokens, out, out_stride,
-            )
-        }
-    }
-
-    /// Q4_0 rows against several tokens.
-    ///
-    /// # Safety
-    /// See [`q8_0_gemm_zmm`].
-    pub unsafe fn q4_0_gemm_zmm(
-        w: *const u8,
-        row_bytes: usize,
-        rows: usize,
-        blocks: usize,
-        xq: *const i8,
-        xd: *const f32,
-        xs: *const f32,
-        tokens: usize,
-        out: *mut f32,
-        out_stride: usize,
-    ) {
-        unsafe {
-            gemm_zmm::<1>(
-                w, row_bytes, rows, blocks, xq, xd, xs, tokens, out, out_stride,
-            )
-        }
-    }
-
-    /// Q4_1 rows against several tokens.
-    ///
-    /// # Safety
-    /// See [`q8_0_gemm_zmm`].
-    pub unsafe fn q4_1_gemm_zmm(
-        w: *const u8,
-        row_bytes: usize,
-        rows: usize,
-        blocks: usize,
-        xq: *const i8,
-        xd: *const f32,
-        xs: *const f32,
-        tokens: usize,
-        out: *mut f32,
-        out_stride: usize,
-    ) {
-        unsafe {
-            gemm_zmm::<2>(
-                w, row_bytes, rows, blocks, xq, xd, xs, tokens, out, out_stride,
-            )
-        }
-    }
-
-    /// Four rows at a time in pairs of 512-bit registers, then a pair, then one.
+    /// See [`BlockDotFn`](super::BlockDotFn) and [`gemm_zmm`].
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows_zmm<const E: u8>(
+    pub unsafe fn rows_zmm<const E: u8>(
         w: *const u8,
         row_bytes: usize,
         rows: usize,
@@ -662,60 +601,13 @@ mod x86 {
         }
     }
 
-    /// Q8_0 on 512-bit registers, two rows per register.
+    /// Four rows at a time, then one, on 256-bit registers; `E` as [`gemm_zmm`].
     ///
     /// # Safety
-    /// See [`BlockDotFn`]; the CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI.
-    pub unsafe fn q8_0_zmm(
-        w: *const u8,
-        row_bytes: usize,
-        rows: usize,
-        blocks: usize,
-        xq: *const i8,
-        xd: *const f32,
-        xs: *const f32,
-        out: *mut f32,
-    ) {
-        unsafe { rows_zmm::<0>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
-    }
-
-    /// Q4_0 on 512-bit registers.
-    ///
-    /// # Safety
-    /// See [`q8_0_zmm`].
-    pub unsafe fn q4_0_zmm(
-        w: *const u8,
-        row_bytes: usize,
-        rows: usize,
-        blocks: usize,
-        xq: *const i8,
-        xd: *const f32,
-        xs: *const f32,
-        out: *mut f32,
-    ) {
-        unsafe { rows_zmm::<1>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
-    }
-
-    /// Q4_1 on 512-bit registers.
-    ///
-    /// # Safety
-    /// See [`q8_0_zmm`].
-    pub unsafe fn q4_1_zmm(
-        w: *const u8,
-        row_bytes: usize,
-        rows: usize,
-        blocks: usize,
-        xq: *const i8,
-        xd: *const f32,
-        xs: *const f32,
-        out: *mut f32,
-    ) {
-        unsafe { rows_zmm::<2>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
-    }
-
-    /// Four rows at a time, then one.
+    /// See [`BlockDotFn`](super::BlockDotFn); the CPU must have AVX2, FMA, F16C and AVX-512 VL
+    /// and VNNI.
     #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-    unsafe fn rows_vnni<const E: u8>(
+    pub unsafe fn rows_vnni<const E: u8>(
         w: *const u8,
         row_bytes: usize,
         rows: usize,
@@ -753,57 +645,6 @@ mod x86 {
             }
         }
     }
-
-    /// Q8_0 with AVX-512 VL VNNI on 256-bit registers.
-    ///
-    /// # Safety
-    /// See [`BlockDotFn`]; the CPU must have AVX2, FMA, F16C, AVX-512 VL and VNNI.
-    pub unsafe fn q8_0_vnni(
-        w: *const u8,
-        row_bytes: usize,
-        rows: usize,
-        blocks: usize,
-        xq: *const i8,
-        xd: *const f32,
-        xs: *const f32,
-        out: *mut f32,
-    ) {
-        unsafe { rows_vnni::<0>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
-    }
-
-    /// Q4_0: nibbles minus 8, then as Q8_0.
-    ///
-    /// # Safety
-    /// See [`q8_0_vnni`].
-    pub unsafe fn q4_0_vnni(
-        w: *const u8,
-        row_bytes: usize,
-        rows: usize,
-        blocks: usize,
-        xq: *const i8,
-        xd: *const f32,
-        xs: *const f32,
-        out: *mut f32,
-    ) {
-        unsafe { rows_vnni::<1>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
-    }
-
-    /// Q4_1: unsigned nibbles times the activations, plus `m·s` per block.
-    ///
-    /// # Safety
-    /// See [`q8_0_vnni`].
-    pub unsafe fn q4_1_vnni(
-        w: *const u8,
-        row_bytes: usize,
-        rows: usize,
-        blocks: usize,
-        xq: *const i8,
-        xd: *const f32,
-        xs: *const f32,
-        out: *mut f32,
-    ) {
-        unsafe { rows_vnni::<2>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
-    }
 }
 
 /// Rows `0..rows` against `tokens` tokens into `out`: token `t`'s activations are
@@ -837,9 +678,9 @@ pub fn select_gemm(enc: Encoding) -> Option<(&'static str, BlockGemmFn)> {
         && std::is_x86_feature_detected!("f16c")
     {
         return match enc {
-            Encoding::Q8_0 => Some(("avx512-vnni-zmm", x86::q8_0_gemm_zmm as BlockGemmFn)),
-            Encoding::Q4_0 => Some(("avx512-vnni-zmm", x86::q4_0_gemm_zmm)),
-            Encoding::Q4_1 => Some(("avx512-vnni-zmm", x86::q4_1_gemm_zmm)),
+            Encoding::Q8_0 => Some(("avx512-vnni-zmm", x86::gemm_zmm::<0> as BlockGemmFn)),
+            Encoding::Q4_0 => Some(("avx512-vnni-zmm", x86::gemm_zmm::<1>)),
+            Encoding::Q4_1 => Some(("avx512-vnni-zmm", x86::gemm_zmm::<2>)),
             _ => None,
         };
     }
@@ -859,16 +700,16 @@ pub fn variants(enc: Encoding) -> Vec<(&'static str, BlockDotFn)> {
     {
         if std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512f") {
             match enc {
-                Encoding::Q8_0 => out.push(("avx512-vnni-zmm", x86::q8_0_zmm)),
-                Encoding::Q4_0 => out.push(("avx512-vnni-zmm", x86::q4_0_zmm)),
-                Encoding::Q4_1 => out.push(("avx512-vnni-zmm", x86::q4_1_zmm)),
+                Encoding::Q8_0 => out.push(("avx512-vnni-zmm", x86::rows_zmm::<0>)),
+                Encoding::Q4_0 => out.push(("avx512-vnni-zmm", x86::rows_zmm::<1>)),
+                Encoding::Q4_1 => out.push(("avx512-vnni-zmm", x86::rows_zmm::<2>)),
                 _ => {}
             }
         }
         match enc {
-            Encoding::Q8_0 => out.push(("avx512-vnni", x86::q8_0_vnni)),
-            Encoding::Q4_0 => out.push(("avx512-vnni", x86::q4_0_vnni)),
-            Encoding::Q4_1 => out.push(("avx512-vnni", x86::q4_1_vnni)),
+            Encoding::Q8_0 => out.push(("avx512-vnni", x86::rows_vnni::<0>)),
+            Encoding::Q4_0 => out.push(("avx512-vnni", x86::rows_vnni::<1>)),
+            Encoding::Q4_1 => out.push(("avx512-vnni", x86::rows_vnni::<2>)),
             _ => {}
         }
     }
