@@ -138,14 +138,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let context = tests.iter().map(|&(p, n)| p + n).max().unwrap_or(1);
     let mut records = Vec::new();
-    if a.output == Format::Md {
-        println!(
-            "| model                          |       size |     params | backend    | threads |          test |                  t/s |"
-        );
-        println!(
-            "| ------------------------------ | ---------: | ---------: | ---------- | ------: | ------------: | -------------------: |"
-        );
-    }
+    // The table's header once the first model has loaded (a model that fails to load leaves
+    // only its error).
+    let mut header = a.output == Format::Md;
     for path in &a.model {
         for &t in &threads {
             let exec = ExecArgs {
@@ -161,6 +156,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             let model = super::load(Some(path), a.kv_cache, Some(context), None, &exec)?;
             if let Some(device) = model.engine.device() {
                 eprintln!("{}: on {device}", path.display());
+            }
+            if std::mem::take(&mut header) {
+                println!(
+                    "| model                          |       size |     params | backend    | threads |          test |                  t/s |"
+                );
+                println!(
+                    "| ------------------------------ | ---------: | ---------: | ---------- | ------: | ------------: | -------------------: |"
+                );
             }
             let desc = bitnetc::gguf::describe::describe(&model.file, false);
             let main_type = desc

@@ -630,6 +630,20 @@ fn bench_writes_llama_bench_json_records() {
     assert!(o.status.success(), "{}", stderr(&o));
     let table = stdout(&o);
     assert!(table.starts_with("| model "), "{table}");
+    // A model that does not load leaves its error and no table.
+    let missing = tempfile::tempdir().unwrap().path().join("missing.gguf");
+    let o = bitnetc(&[
+        "bench",
+        "-m",
+        missing.to_str().unwrap(),
+        "-p",
+        "4",
+        "-n",
+        "2",
+    ]);
+    assert!(!o.status.success());
+    assert_eq!(stdout(&o), "");
+    assert!(stderr(&o).contains("missing.gguf"), "{}", stderr(&o));
     assert_eq!(
         table
             .lines()
