@@ -116,7 +116,8 @@ pub unsafe fn rows_avx2(a: &RowsArgs) {
 }
 
 /// AVX-512 VNNI: a block's 32 bytes are broadcast to both halves of a 512-bit register and
-/// shifted by 6/4 (then 2/0) per half, so each `vpdpbusd` covers 64 elements in natural order.
+/// masked (then shifted by 4 and masked) per half, so each `vpdpbusd` covers 64 elements in
+/// natural order.
 /// Tiles of `R` rows × `T` tokens keep `R·T` independent accumulators: a block unpacked once
 /// serves `T` tokens, activations loaded once serve `R` rows.
 ///
@@ -185,15 +186,17 @@ unsafe fn tiles_avx512<const R: usize, const T: usize>(
 unsafe fn tile_avx512<const R: usize, const T: usize>(a: &RowsArgs, r0: usize, t0: usize) {
     use std::arch::x86_64::*;
     unsafe {
-        // Codes are masked in place, not shifted: the low half keeps bits 7..6 (64·c), the high
-        // half bits 5..4 (16·c); then bits 3..2 (4·c) and 1..0 (c). Each lane's sum is a multiple
-        // of its scale, so an arithmetic shift per lane at the end is exact.
-        let mask01 = _mm512_inserti64x4(_mm512_set1_epi8(0xC0u8 as i8), _mm256_set1_epi8(0x30), 1);
-        let mask23 = _mm512_inserti64x4(_mm512_set1_epi8(0x0C), _mm256_set1_epi8(0x03), 1);
-        let scale01 = _mm512_inserti64x4(_mm512_set1_epi32(6), _mm256_set1_epi32(4), 1);
-        let scale23 = _mm512_inserti64x4(_mm512_set1_epi32(2), _mm256_set1_epi32(0), 1);
-        let mut acc01 = [[_mm512_setzero_si512(); T]; R];
-        let mut acc23 = [[_mm512_setzero_si512(); T]; R];
+        // Both halves of a block's 32 bytes hold two code groups each. Shifted right by 4
+        // (16-bit lanes: the mask drops what crosses a byte) and masked, the low half keeps
+        // bits 3..2 (4·c) and the high half bits 1..0 (c); unshifted, the same mask gives the
+        // other two groups at the same weights. So one accumulator per row and token takes
+        // all four groups: its low lanes hold 4·Σ and shift right by 2 exactly at the end.
+        let mask = _mm512_inserti64x4(_mm512_set1_epi8(0x0C), _mm256_set1_epi8(0x03), 1);
+        let scale = _mm512_inserti64x4(_mm512_set1_epi32(2), _mm256_set1_epi32(0), 1);
+        let mut acc = [[_mm512_setzero_si512(); T]; R];
+        // One token has a second chain, so that two `vpdpbusd` are in flight per row; tiles of
+        // several tokens have enough independent ones and need the registers.
+        let mut acc2 = [[_mm512_setzero_si512(); T]; R];
         let w = a.w.add(r0 * a.row_bytes);
         let q = a.q.add(t0 * a.q_stride);
         for b in 0..a.k / 128 {
@@ -210,20 +213,21 @@ unsafe fn tile_avx512<const R: usize, const T: usize>(a: &RowsArgs, r0: usize, t
                     _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH) as *const i8);
                 }
                 let wb = _mm512_broadcast_i64x4(_mm256_loadu_si256(wp as *const __m256i));
-                let c01 = _mm512_and_si512(wb, mask01);
-                let c23 = _mm512_and_si512(wb, mask23);
+                let c01 = _mm512_and_si512(_mm512_srli_epi16::<4>(wb), mask);
+                let c23 = _mm512_and_si512(wb, mask);
                 for t in 0..T {
-                    acc01[i][t] = _mm512_dpbusd_epi32(acc01[i][t], c01, x01[t]);
-                    acc23[i][t] = _mm512_dpbusd_epi32(acc23[i][t], c23, x23[t]);
+                    acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], c01, x01[t]);
+                    if T == 1 {
+                        acc2[i][t] = _mm512_dpbusd_epi32(acc2[i][t], c23, x23[t]);
+                    } else {
+                        acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], c23, x23[t]);
+                    }
                 }
             }
         }
         for i in 0..R {
             for t in 0..T {
-                let sum = _mm512_add_epi32(
-                    _mm512_srav_epi32(acc01[i][t], scale01),
-                    _mm512_srav_epi32(acc23[i][t], scale23),
-                );
+                let sum = _mm512_srav_epi32(_mm512_add_epi32(acc[i][t], acc2[i][t]), scale);
                 *a.out.add((t0 + t) * a.out_stride + r0 + i) = _mm512_reduce_add_epi32(sum);
             }
         }
@@ -287,10 +291,13 @@ mod tests {
             (4, 2560, 9),
             (1, 6912, 4),
         ] {
-            let w = random_rows(rows, k, k as u64);
+            let mut w = random_rows(rows, k, k as u64);
             let mut q = random_q(k * tokens, rows as u64);
             q[0] = -128;
             q[1] = 127;
+            // The last row all code 2 against a last token all −128: the largest sums.
+            w[(rows - 1) * k / 4..].fill(0b1010_1010);
+            q[(tokens - 1) * k..].fill(-128);
             let expect = run(rows_scalar, &w, rows, k, &q, tokens);
             if std::is_x86_feature_detected!("avx2") {
                 assert_eq!(
