@@ -29,6 +29,15 @@ pub struct BenchArgs {
         default_value = "128"
     )]
     pub n_gen: Vec<usize>,
+    /// Context depths to test at (comma-separated): each test runs after this many random
+    /// tokens in the KV cache, evaluated once per depth and kept for every run (not timed)
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub n_depth: Vec<usize>,
     /// Thread counts to test (comma-separated; default: all cores)
     #[arg(short = 't', long, value_delimiter = ',')]
     pub threads: Vec<usize>,
@@ -80,6 +89,7 @@ struct Record {
     type_kv: &'static str,
     n_prompt: usize,
     n_gen: usize,
+    n_depth: usize,
     samples_ns: Vec<u64>,
     backend: &'static str,
 }
@@ -97,10 +107,15 @@ impl Record {
     }
 
     fn test(&self) -> String {
-        if self.n_prompt > 0 {
+        let test = if self.n_prompt > 0 {
             format!("pp{}", self.n_prompt)
         } else {
             format!("tg{}", self.n_gen)
+        };
+        if self.n_depth > 0 {
+            format!("{test} @ d{}", self.n_depth)
+        } else {
+            test
         }
     }
 }
@@ -136,7 +151,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if tests.is_empty() {
         return Err("no tests: give -p or -n greater than 0".into());
     }
-    let context = tests.iter().map(|&(p, n)| p + n).max().unwrap_or(1);
+    let context = tests.iter().map(|&(p, n)| p + n).max().unwrap_or(1)
+        + a.n_depth.iter().copied().max().unwrap_or(0);
     let mut records = Vec::new();
     // The table's header once the first model has loaded (a model that fails to load leaves
     // only its error).
@@ -195,70 +211,80 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 .engine
                 .executor()
                 .map_or(0, |e| e.weight_bytes_per_token());
-            // One session, emptied before each run, as llama-bench clears its context.
+            // One session, emptied (down to the depth) before each run, as llama-bench clears
+            // its context.
             let mut session = model.engine.session();
-            for &(n_prompt, n_gen) in &tests {
-                let mut samples = Vec::new();
-                for rep in 0..=a.repetitions {
-                    let prompt: Vec<u32> = (0..n_prompt).map(|_| token()).collect();
-                    session.reset();
-                    let started = Instant::now();
-                    if n_prompt > 0 {
-                        session.eval_last(&prompt)?;
-                    }
-                    for _ in 0..n_gen {
-                        session.eval_last(&[token()])?;
-                    }
-                    let ns = started.elapsed().as_nanos() as u64;
-                    // The first run warms up (page faults, caches).
-                    if rep > 0 {
-                        samples.push(ns);
-                    }
+            for &depth in &a.n_depth {
+                // The depth's tokens are evaluated once; every run rewinds the cache to them.
+                session.reset();
+                if depth > 0 {
+                    let fill: Vec<u32> = (0..depth).map(|_| token()).collect();
+                    session.eval_last(&fill)?;
                 }
-                let r = Record {
-                    backend: if a.device == super::Device::Cuda {
-                        "CUDA"
-                    } else {
-                        "CPU"
-                    },
-                    model_filename: path.display().to_string(),
-                    model_type: model_type.clone(),
-                    model_size: desc.totals.bytes,
-                    model_n_params: desc.totals.parameters,
-                    n_batch: a.batch_size,
-                    n_threads: t,
-                    type_kv: match a.kv_cache {
-                        KvCacheType::F16 => "f16",
-                        KvCacheType::F32 => "f32",
-                    },
-                    n_prompt,
-                    n_gen,
-                    samples_ns: samples,
-                };
-                if a.output == Format::Md {
-                    let (mean, sd) = stats(&r.samples_ts());
-                    println!(
-                        "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} | {:>13} | {:>20} |",
-                        r.model_type,
-                        super::human_bytes(r.model_size),
-                        super::human_count(r.model_n_params),
-                        r.backend,
-                        t,
-                        r.test(),
-                        format!("{mean:.2} ± {sd:.2}")
-                    );
-                    if let (Some(bw), true) = (bandwidth, n_gen > 0) {
-                        let roof = bw / bytes_per_token as f64;
-                        eprintln!(
-                            "  {}: {:.1} MB of weights per token; read bandwidth {:.1} GB/s at {t} threads; roofline {roof:.1} t/s; {:.0}% of it",
+                for &(n_prompt, n_gen) in &tests {
+                    let mut samples = Vec::new();
+                    for rep in 0..=a.repetitions {
+                        let prompt: Vec<u32> = (0..n_prompt).map(|_| token()).collect();
+                        session.rewind(depth);
+                        let started = Instant::now();
+                        if n_prompt > 0 {
+                            session.eval_last(&prompt)?;
+                        }
+                        for _ in 0..n_gen {
+                            session.eval_last(&[token()])?;
+                        }
+                        let ns = started.elapsed().as_nanos() as u64;
+                        // The first run warms up (page faults, caches).
+                        if rep > 0 {
+                            samples.push(ns);
+                        }
+                    }
+                    let r = Record {
+                        backend: if a.device == super::Device::Cuda {
+                            "CUDA"
+                        } else {
+                            "CPU"
+                        },
+                        model_filename: path.display().to_string(),
+                        model_type: model_type.clone(),
+                        model_size: desc.totals.bytes,
+                        model_n_params: desc.totals.parameters,
+                        n_batch: a.batch_size,
+                        n_threads: t,
+                        type_kv: match a.kv_cache {
+                            KvCacheType::F16 => "f16",
+                            KvCacheType::F32 => "f32",
+                        },
+                        n_prompt,
+                        n_gen,
+                        n_depth: depth,
+                        samples_ns: samples,
+                    };
+                    if a.output == Format::Md {
+                        let (mean, sd) = stats(&r.samples_ts());
+                        println!(
+                            "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} | {:>13} | {:>20} |",
+                            r.model_type,
+                            super::human_bytes(r.model_size),
+                            super::human_count(r.model_n_params),
+                            r.backend,
+                            t,
                             r.test(),
-                            bytes_per_token as f64 / 1e6,
-                            bw / 1e9,
-                            100.0 * mean / roof
+                            format!("{mean:.2} ± {sd:.2}")
                         );
+                        if let (Some(bw), true) = (bandwidth, n_gen > 0) {
+                            let roof = bw / bytes_per_token as f64;
+                            eprintln!(
+                                "  {}: {:.1} MB of weights per token; read bandwidth {:.1} GB/s at {t} threads; roofline {roof:.1} t/s; {:.0}% of it",
+                                r.test(),
+                                bytes_per_token as f64 / 1e6,
+                                bw / 1e9,
+                                100.0 * mean / roof
+                            );
+                        }
                     }
+                    records.push(r);
                 }
-                records.push(r);
             }
             exec.print_trace(&model);
         }
@@ -292,6 +318,7 @@ fn json_record(r: &Record) -> serde_json::Value {
         "use_mmap": true,
         "n_prompt": r.n_prompt,
         "n_gen": r.n_gen,
+        "n_depth": r.n_depth,
         "test_time": iso8601(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())),
         "avg_ns": avg_ns as u64,
         "stddev_ns": stddev_ns as u64,

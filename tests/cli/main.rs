@@ -587,6 +587,8 @@ fn bench_writes_llama_bench_json_records() {
         "4",
         "-t",
         "1,2",
+        "-d",
+        "0,5",
         "-r",
         "2",
         "-o",
@@ -595,17 +597,23 @@ fn bench_writes_llama_bench_json_records() {
     assert!(o.status.success(), "{}", stderr(&o));
     let records: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let records = records.as_array().unwrap();
-    let tests: Vec<(u64, u64, u64)> = records
+    let tests: Vec<[u64; 4]> = records
         .iter()
-        .map(|r| {
-            (
-                r["n_threads"].as_u64().unwrap(),
-                r["n_prompt"].as_u64().unwrap(),
-                r["n_gen"].as_u64().unwrap(),
-            )
-        })
+        .map(|r| ["n_threads", "n_depth", "n_prompt", "n_gen"].map(|k| r[k].as_u64().unwrap()))
         .collect();
-    assert_eq!(tests, vec![(1, 8, 0), (1, 0, 4), (2, 8, 0), (2, 0, 4)]);
+    assert_eq!(
+        tests,
+        vec![
+            [1, 0, 8, 0],
+            [1, 0, 0, 4],
+            [1, 5, 8, 0],
+            [1, 5, 0, 4],
+            [2, 0, 8, 0],
+            [2, 0, 0, 4],
+            [2, 5, 8, 0],
+            [2, 5, 0, 4],
+        ]
+    );
     let inspect = bitnetc(&["inspect", "--json", path.to_str().unwrap()]);
     let totals: serde_json::Value = serde_json::from_str(&stdout(&inspect)).unwrap();
     for r in records {
@@ -624,6 +632,8 @@ fn bench_writes_llama_bench_json_records() {
         "4",
         "-n",
         "2",
+        "-d",
+        "0,3",
         "-r",
         "1",
     ]);
@@ -647,9 +657,11 @@ fn bench_writes_llama_bench_json_records() {
     assert_eq!(
         table
             .lines()
-            .filter(|l| l.contains(" pp4 |") || l.contains(" tg2 |"))
+            .filter(|l| [" pp4 |", " tg2 |", " pp4 @ d3 |", " tg2 @ d3 |"]
+                .iter()
+                .any(|t| l.contains(t)))
             .count(),
-        2,
+        4,
         "{table}"
     );
 }
