@@ -95,6 +95,24 @@ fn every_tiny_model_runs_bit_exact_with_the_interpreter() {
 }
 
 #[test]
+fn attention_over_hundreds_of_positions_stays_bit_exact() {
+    // Past 128 positions: several blocks of sixteen keys and of 64-lane value chains, with
+    // the GEMV's f64 tail after them, in a prompt step and in one-token steps.
+    for rel in [
+        "tiny/bitnetcpp-tiny-i2_s.gguf",
+        "tiny/mainline-tiny-f16.gguf",
+    ] {
+        let path = fixture(rel);
+        let reference = open(&path, Backend::Interpreter, 200);
+        let ids = tokens(200, reference.engine.vocab_size(), 11);
+        let steps = [&[150][..], &[1; 50][..]].concat();
+        let expect = run(&reference, &ids, &steps);
+        let m = open(&path, compiled(2, KernelSet::Best, 512), 200);
+        assert_bits_equal(&run(&m, &ids, &steps), &expect, rel);
+    }
+}
+
+#[test]
 fn a_prompt_split_by_the_batch_size_equals_the_same_steps_on_the_interpreter() {
     let path = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
     let reference = open(&path, Backend::Interpreter, 64);

@@ -8,7 +8,7 @@
 use crate::pool::{Pool, split};
 use bitnetc_codegen_cpu::act::{QuantFn, select_quant};
 use bitnetc_codegen_cpu::blocks::{BlockDotFn, BlockGemmFn};
-use bitnetc_codegen_cpu::half::HalfDots;
+use bitnetc_codegen_cpu::half::{HalfChainsFn, HalfDots};
 use bitnetc_codegen_cpu::jit::JitError;
 use bitnetc_codegen_cpu::lut;
 use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary, fixed_ternary};
@@ -434,6 +434,13 @@ impl Seqs<'_> {
     }
 }
 
+/// Floats of attention scores a step computes at once (8 MiB): tokens are taken in chunks of
+/// as many as fit, so a long prompt's scores need no buffer of its length squared.
+const ATTENTION_SCORES: usize = 1 << 21;
+
+/// Keys per item of the phased attention's score pass.
+const KEY_BLOCK: usize = 256;
+
 /// Steps of at most this many tokens run the ternary one-token kernel once per token.
 const GEMV_MAX_TOKENS: usize = 4;
 
@@ -459,6 +466,10 @@ pub struct State {
     rope: Vec<RopeTable>,
     rope_valid: Vec<bool>,
     locals: Vec<Mutex<Local>>,
+    /// Attention over f16 caches with vector kernels: a chunk of tokens' scores (each
+    /// (token, head) row `capacity` rounded up to 32 long) and their queries rounded.
+    attn_scores: Vec<f32>,
+    attn_q: Vec<f32>,
     /// The generic matmul's prepared activations, one per part of a linear step.
     generic: Vec<MatmulActs>,
     /// A step's token ids and positions (`batch` of each, reused by every step).
@@ -734,6 +745,29 @@ impl Executor {
     }
 
     /// Fresh state for a sequence of up to `capacity` positions.
+    /// The phased attention's scratch for a context of `capacity`: scores for at least one
+    /// token's heads, for as many tokens as fit in [`ATTENTION_SCORES`] (up to the batch), and
+    /// their rounded queries. Empty where no layer runs that way.
+    fn attention_scratch(&self, capacity: usize) -> (Vec<f32>, Vec<f32>) {
+        let phased = self.half.chains.is_some() && self.kv.iter().any(|l| l.f16 && l.d % 16 == 0);
+        let heads = self
+            .kernels
+            .iter()
+            .filter_map(|k| match k {
+                Kernel::Attention { h, .. } => Some(*h),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        if !phased || heads == 0 {
+            return (Vec::new(), Vec::new());
+        }
+        let row = capacity.next_multiple_of(32);
+        let rows = (ATTENTION_SCORES / row).clamp(heads, self.batch * heads);
+        let d = self.kv.iter().map(|l| l.d).max().unwrap_or(0);
+        (vec![0.0; rows * row], vec![0.0; rows * d])
+    }
+
     pub fn state(&self, capacity: usize) -> State {
         let t = self.batch;
         let kv = self
@@ -748,7 +782,10 @@ impl Executor {
                 }
             })
             .collect();
+        let (attn_scores, attn_q) = self.attention_scratch(capacity);
         State {
+            attn_scores,
+            attn_q,
             arena: Arena::new(self.per_token * t),
             xn: vec![0.0; t * self.max_k],
             q8: vec![0; t * self.max_k],
@@ -1637,6 +1674,20 @@ impl Executor {
         } else {
             (DotPath::F32, DotPath::F32)
         };
+        if let (
+            true,
+            DotPath::Gemv | DotPath::Gemm { .. },
+            DotPath::Gemv | DotPath::Gemm { .. },
+            Some(chains),
+        ) = (
+            l.f16 && d % 16 == 0 && !st.attn_scores.is_empty(),
+            kq,
+            kqv,
+            self.half.chains,
+        ) {
+            let shape = (layer, t, h, scale);
+            return self.attention_phased(st, caches, seqs, q, o, shape, (kq, kqv), chains);
+        }
         let (q, o) = (Shared(q as *mut f32), Shared(o));
         let half = self.half;
         let locals = &st.locals;
@@ -1742,6 +1793,197 @@ impl Executor {
             self.pool.run(&job);
         } else {
             job(0, 1);
+        }
+    }
+}
+
+impl Executor {
+    /// Attention over an f16 cache with the host's vector kernels, the same numbers as
+    /// [`Executor::attention`]'s per-head loop in three passes over the workers, a chunk of
+    /// tokens at a time: the scores (items of [`KEY_BLOCK`] keys, each key read once for all
+    /// the query heads that share it, sixteen keys per call), the softmax of each head, then
+    /// the weighted values sixteen dimensions at a time (each slice of the values read once for
+    /// the heads sharing it). Every pass has items enough for all workers even for one token.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_phased(
+        &self,
+        st: &mut State,
+        caches: &[SeqCache],
+        seqs: &Seqs<'_>,
+        q: *const f32,
+        o: *mut f32,
+        (layer, t, h, scale): (usize, usize, usize, f32),
+        (kq, kqv): (DotPath, DotPath),
+        chains: HalfChainsFn,
+    ) {
+        let l = self.kv[layer];
+        let (g, d) = (l.g, l.d);
+        let group = h / g;
+        let row_len = g * d;
+        let half = self.half;
+        let (dot, dot16) = match kq {
+            DotPath::Gemm { .. } => (half.gemm, half.gemm16),
+            _ => (half.gemv, half.gemv16),
+        };
+        let round_q = !matches!(kq, DotPath::Gemm { round: false });
+        // The value path's chains and rounding (`weighted_values`; padded lengths are
+        // multiples of 32).
+        let (n_chains, round_x) = match kqv {
+            DotPath::Gemm { round } => (16, round),
+            _ => (64, true),
+        };
+        let stride = st.capacity.next_multiple_of(32);
+        let tc = (st.attn_scores.len() / (h * stride)).clamp(1, t);
+        let (scores, qh) = (
+            Shared(st.attn_scores.as_mut_ptr()),
+            Shared(st.attn_q.as_mut_ptr()),
+        );
+        let (q, o) = (Shared(q as *mut f32), Shared(o));
+        let visible = |tok: usize| seqs.pos[tok] as usize + 1;
+        let cache = |tok: usize| match &caches[seqs.seq(tok)].kv[layer] {
+            KvData::F16(k, v) => (k.as_ptr(), v.as_ptr()),
+            KvData::F32(..) => unreachable!("the phased attention reads f16 caches"),
+        };
+        let run = |items: usize, job: &(dyn Fn(usize, usize) + Sync)| {
+            if self.threads() > 1 && items > 1 {
+                self.pool.run(job);
+            } else {
+                job(0, 1);
+            }
+        };
+        for c0 in (0..t).step_by(tc) {
+            let c1 = (c0 + tc).min(t);
+            let n = c1 - c0;
+            // SAFETY (all three passes): a chunk's `n·h` score rows of `stride` and query rows
+            // of `d` fit the scratch (`tc` is taken from its size); every item writes its own
+            // rows, key ranges or dimensions; keys and values below a token's visible length
+            // are inside its cache.
+            for i in 0..n * h {
+                let src = unsafe { std::slice::from_raw_parts(q.get().add((c0 * h + i) * d), d) };
+                let dst = unsafe { std::slice::from_raw_parts_mut(qh.get().add(i * d), d) };
+                dst.copy_from_slice(src);
+                if round_q {
+                    host::round_f16(dst);
+                }
+            }
+            let blocks = (c0..c1)
+                .map(|tok| visible(tok).div_ceil(KEY_BLOCK))
+                .max()
+                .unwrap_or(0);
+            // Items (kv head, key block, token), the token fastest: a block of keys serves
+            // every token of the chunk from the cache.
+            let score_items = || {
+                (0..g).flat_map(move |kvh| {
+                    (0..blocks).flat_map(move |b| {
+                        (c0..c1)
+                            .filter(move |&tok| b * KEY_BLOCK < visible(tok))
+                            .map(move |tok| (kvh, b, tok))
+                    })
+                })
+            };
+            let count = score_items().count();
+            run(count, &|w, nw| {
+                for (kvh, b, tok) in score_items().skip(w).step_by(nw) {
+                    let (k0, k1) = (b * KEY_BLOCK, ((b + 1) * KEY_BLOCK).min(visible(tok)));
+                    let keys = unsafe { cache(tok).0.add(kvh * d) };
+                    for head in kvh * group..(kvh + 1) * group {
+                        let i = (tok - c0) * h + head;
+                        let x = unsafe { qh.get().add(i * d) };
+                        let row = unsafe { scores.get().add(i * stride) };
+                        let mut j = k0;
+                        while j + 16 <= k1 {
+                            unsafe { dot16(x, keys.add(j * row_len), row_len, d, row.add(j)) };
+                            j += 16;
+                        }
+                        for j in j..k1 {
+                            unsafe { *row.add(j) = dot(x, keys.add(j * row_len), d) };
+                        }
+                        for j in k0..k1 {
+                            unsafe { *row.add(j) *= scale };
+                        }
+                    }
+                }
+            });
+            run(n * h, &|w, nw| {
+                for i in (w..n * h).step_by(nw) {
+                    let vis = visible(c0 + i / h);
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            scores.get().add(i * stride),
+                            vis.next_multiple_of(32),
+                        )
+                    };
+                    host::softmax(&mut row[..vis]);
+                    row[vis..].fill(0.0);
+                    if round_x {
+                        host::round_f16(&mut row[..vis]);
+                    }
+                }
+            });
+            // Items (kv head, slice of 16 dimensions, token).
+            let slices = d / 16;
+            run(g * slices * n, &|w, nw| {
+                for item in (w..g * slices * n).step_by(nw) {
+                    let (kvh, sl, tok) = (item / (slices * n), item / n % slices, c0 + item % n);
+                    let vis = visible(tok);
+                    let padded = vis.next_multiple_of(32);
+                    let limit = if n_chains == 16 { padded } else { padded & !63 };
+                    let values = unsafe { cache(tok).1.add(kvh * d + 16 * sl) };
+                    for head in kvh * group..(kvh + 1) * group {
+                        let i = (tok - c0) * h + head;
+                        let x = unsafe {
+                            std::slice::from_raw_parts(scores.get().add(i * stride), padded)
+                        };
+                        let mut sums = [0.0f32; 16];
+                        // Below 64 positions the GEMV has no chains, only its f64 tail.
+                        if limit > 0 {
+                            let nj = limit.min(vis);
+                            unsafe {
+                                chains(
+                                    x.as_ptr(),
+                                    nj,
+                                    values,
+                                    row_len,
+                                    16,
+                                    n_chains,
+                                    sums.as_mut_ptr(),
+                                )
+                            };
+                        }
+                        let out = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                o.get().add((tok * h + head) * d + 16 * sl),
+                                16,
+                            )
+                        };
+                        if n_chains == 16 {
+                            out.copy_from_slice(&sums);
+                            continue;
+                        }
+                        // ggml's GEMV adds the elements past the last 64 in f64, padding (0·0)
+                        // included.
+                        let mut acc = sums.map(|v| v as f64);
+                        for (j, &xj) in x.iter().enumerate().skip(limit) {
+                            if j < vis {
+                                let v: &[f16] = unsafe {
+                                    std::slice::from_raw_parts(values.add(j * row_len), 16)
+                                }
+                                .reinterpret_cast();
+                                for (a, v) in acc.iter_mut().zip(v) {
+                                    *a += (xj * v.to_f32()) as f64;
+                                }
+                            } else {
+                                for a in &mut acc {
+                                    *a += 0.0;
+                                }
+                            }
+                        }
+                        for (o, a) in out.iter_mut().zip(acc) {
+                            *o = a as f32;
+                        }
+                    }
+                }
+            });
         }
     }
 }
