@@ -12,33 +12,54 @@ use half::f16;
 /// `x` and `w` must hold `k` elements; the CPU must have the features of the variant.
 pub type HalfDotFn = unsafe fn(x: *const f32, w: *const u16, k: usize) -> f32;
 
-/// The same dot for sixteen rows `w + r·stride` (`r` in `0..16`) into `out[r]`, each exactly as
-/// the row alone gives it: attention's scores, sixteen cached keys at a time.
-///
-/// # Safety
-/// `x` must hold `k` elements, each row `k` elements, `out` 16; the CPU must have the features
-/// of the variant.
-pub type HalfDots16Fn =
-    unsafe fn(x: *const f32, w: *const u16, stride: usize, k: usize, out: *mut f32);
+/// Sixteen rows `w + r·stride` (`r` in `0..16`) of `k` f16 values against `heads` vectors of
+/// `k` f32 values stored back to back at `x`: `out[h·out_stride + r]` is row `r` dotted with
+/// vector `h`, exactly as the one-row dot gives it. Attention's scores: sixteen cached keys at
+/// a time for the query heads that share them.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows16 {
+    pub x: *const f32,
+    pub heads: usize,
+    pub w: *const u16,
+    pub stride: usize,
+    pub k: usize,
+    pub out: *mut f32,
+    pub out_stride: usize,
+}
 
-/// Attention's weighted sum of value rows in the reference's chain order: for `j < n`, chain
-/// `j % chains` (16 or 64) gathers `x[j]·v[j][dim]` by fused multiply-adds in order of `j`;
-/// with 64 chains, chain `l < 16` then becomes `(c[l] + c[32+l]) + (c[16+l] + c[48+l])`; the
-/// sixteen are added by `_mm512_reduce_add_ps`'s halving tree into `out[dim]`, for every
-/// `dim < d`. Rows `v + j·stride` hold `d` f16 values.
+/// A [`Rows16`] kernel.
 ///
 /// # Safety
-/// `x` must hold `n` values, every row `d`, `out` `d`; `chains` is 16 or 64 and `d` a multiple
+/// Every pointer must cover what [`Rows16`] describes; the CPU must have the features of the
+/// variant.
+pub type HalfDots16Fn = unsafe fn(&Rows16);
+
+/// Attention's weighted sums of value rows in the reference's chain order, for `heads` score
+/// rows (`x + h·x_stride`, `n` values each): for `j < n`, chain `j % chains` (16 or 64) gathers
+/// `x[j]·v[j][dim]` by fused multiply-adds in order of `j`; with 64 chains, chain `l < 16` then
+/// becomes `(c[l] + c[32+l]) + (c[16+l] + c[48+l])`; the sixteen are added by
+/// `_mm512_reduce_add_ps`'s halving tree into `out[h·out_stride + dim]`, for every `dim < d`.
+/// Rows `v + j·stride` hold `d` f16 values.
+#[derive(Clone, Copy, Debug)]
+pub struct Chains {
+    pub x: *const f32,
+    pub x_stride: usize,
+    pub heads: usize,
+    pub n: usize,
+    pub v: *const u16,
+    pub stride: usize,
+    pub d: usize,
+    pub chains: usize,
+    pub out: *mut f32,
+    pub out_stride: usize,
+}
+
+/// A [`Chains`] kernel.
+///
+/// # Safety
+/// Every pointer must cover what [`Chains`] describes; `chains` is 16 or 64 and `d` a multiple
 /// of 16; the CPU must have the features of the variant.
-pub type HalfChainsFn = unsafe fn(
-    x: *const f32,
-    n: usize,
-    v: *const u16,
-    stride: usize,
-    d: usize,
-    chains: usize,
-    out: *mut f32,
-);
+pub type HalfChainsFn = unsafe fn(&Chains);
 
 /// ggml's `ggml_vec_dot_f16` order, portable.
 ///
@@ -149,36 +170,34 @@ pub unsafe fn tinyblas16_avx512(x: *const f32, w: *const u16, k: usize) -> f32 {
     }
 }
 
+/// `one` for every head and row of `a`.
+///
+/// # Safety
+/// See [`HalfDots16Fn`].
+unsafe fn rows16_by_one(a: &Rows16, one: HalfDotFn) {
+    for h in 0..a.heads {
+        for r in 0..16 {
+            unsafe {
+                *a.out.add(h * a.out_stride + r) = one(a.x.add(h * a.k), a.w.add(r * a.stride), a.k)
+            };
+        }
+    }
+}
+
 /// [`vec_f16_scalar`] row by row.
 ///
 /// # Safety
 /// See [`HalfDots16Fn`].
-pub unsafe fn vec_f16_scalar_x16(
-    x: *const f32,
-    w: *const u16,
-    stride: usize,
-    k: usize,
-    out: *mut f32,
-) {
-    for r in 0..16 {
-        unsafe { *out.add(r) = vec_f16_scalar(x, w.add(r * stride), k) };
-    }
+pub unsafe fn vec_f16_scalar_x16(a: &Rows16) {
+    unsafe { rows16_by_one(a, vec_f16_scalar) }
 }
 
 /// [`tinyblas16_scalar`] row by row.
 ///
 /// # Safety
 /// See [`HalfDots16Fn`].
-pub unsafe fn tinyblas16_scalar_x16(
-    x: *const f32,
-    w: *const u16,
-    stride: usize,
-    k: usize,
-    out: *mut f32,
-) {
-    for r in 0..16 {
-        unsafe { *out.add(r) = tinyblas16_scalar(x, w.add(r * stride), k) };
-    }
+pub unsafe fn tinyblas16_scalar_x16(a: &Rows16) {
+    unsafe { rows16_by_one(a, tinyblas16_scalar) }
 }
 
 /// Sixteen `_mm512_reduce_add_ps` at once, with the same pairs added: lane `r` of the result
@@ -221,164 +240,239 @@ fn reduce_add_x16(v: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m
     _mm512_permutexvar_ps(rows, s4)
 }
 
-/// [`vec_f16_avx512`] for sixteen rows: four rows at a time through the same four chains per
-/// row, then the sixteen reductions together.
+/// Calls `f::<H>(a, h0)` for heads `h0 .. h0 + H`, four at a time (a row's f16 values are
+/// converted once for all of them).
+macro_rules! by_four_heads {
+    ($f:ident, $a:expr) => {{
+        let a = $a;
+        let mut h0 = 0;
+        while h0 < a.heads {
+            match a.heads - h0 {
+                1 => $f::<1>(a, h0),
+                2 => $f::<2>(a, h0),
+                3 => $f::<3>(a, h0),
+                _ => $f::<4>(a, h0),
+            }
+            h0 += 4;
+        }
+    }};
+}
+
+/// How many rows ahead of the ones in use the row kernels prefetch: a cache's rows are apart
+/// by all its heads, too far for the hardware's prefetcher to follow.
+const PREFETCH_ROWS: usize = 32;
+
+/// Prefetches the 64-byte lines of a row of `k` f16 values into L1.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row(w: *const u16, k: usize) {
+    use std::arch::x86_64::*;
+    for line in (0..2 * k).step_by(64) {
+        // SAFETY: prefetches never fault, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((w as *const i8).wrapping_add(line)) };
+    }
+}
+
+/// [`vec_f16_avx512`] for sixteen rows and up to four heads: per row, each head's four
+/// chains, then the sixteen rows' reductions together.
 ///
 /// # Safety
 /// See [`HalfDots16Fn`]; the CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn vec_f16_avx512_x16(
-    x: *const f32,
-    w: *const u16,
-    stride: usize,
-    k: usize,
-    out: *mut f32,
-) {
-    use std::arch::x86_64::*;
-    unsafe {
-        let np = k & !63;
-        let mut r = [_mm512_setzero_ps(); 16];
-        for g in 0..4 {
-            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-            let mut i = 0;
-            while i < np {
-                for j in 0..4 {
-                    let xv = _mm512_loadu_ps(x.add(i + 16 * j));
-                    for (row, a) in acc.iter_mut().enumerate() {
-                        let wr = w.add((4 * g + row) * stride + i + 16 * j);
-                        let wv = _mm512_cvtph_ps(_mm256_loadu_si256(wr as *const __m256i));
-                        a[j] = _mm512_fmadd_ps(xv, wv, a[j]);
+pub unsafe fn vec_f16_avx512_x16(a: &Rows16) {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn heads<const H: usize>(a: &Rows16, h0: usize) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let np = a.k & !63;
+            let x = a.x.add(h0 * a.k);
+            let mut r = [[_mm512_setzero_ps(); 16]; H];
+            for row in 0..16 {
+                let w = a.w.add(row * a.stride);
+                prefetch_row(w.wrapping_add(PREFETCH_ROWS * a.stride), a.k);
+                let mut acc = [[_mm512_setzero_ps(); 4]; H];
+                let mut i = 0;
+                while i < np {
+                    for j in 0..4 {
+                        let wv = _mm512_cvtph_ps(_mm256_loadu_si256(
+                            w.add(i + 16 * j) as *const __m256i
+                        ));
+                        for (h, acc) in acc.iter_mut().enumerate() {
+                            let xv = _mm512_loadu_ps(x.add(h * a.k + i + 16 * j));
+                            acc[j] = _mm512_fmadd_ps(xv, wv, acc[j]);
+                        }
                     }
+                    i += 64;
                 }
-                i += 64;
+                for (r, acc) in r.iter_mut().zip(&acc) {
+                    r[row] =
+                        _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+                }
             }
-            for (row, a) in acc.iter().enumerate() {
-                r[4 * g + row] =
-                    _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            for (h, r) in r.iter().enumerate() {
+                let out = a.out.add((h0 + h) * a.out_stride);
+                let sums = reduce_add_x16(r);
+                if np == a.k {
+                    _mm512_storeu_ps(out, sums);
+                    continue;
+                }
+                let mut lanes = [0.0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
+                for (row, &lane) in lanes.iter().enumerate() {
+                    let mut sum = lane as f64;
+                    for e in np..a.k {
+                        let wv = f16::from_bits(*a.w.add(row * a.stride + e)).to_f32();
+                        sum += (*x.add(h * a.k + e) * wv) as f64;
+                    }
+                    *out.add(row) = sum as f32;
+                }
             }
-        }
-        let sums = reduce_add_x16(&r);
-        if np == k {
-            return _mm512_storeu_ps(out, sums);
-        }
-        let mut lanes = [0.0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
-        for (row, &lane) in lanes.iter().enumerate() {
-            let mut sum = lane as f64;
-            for e in np..k {
-                let wv = f16::from_bits(*w.add(row * stride + e)).to_f32();
-                sum += (*x.add(e) * wv) as f64;
-            }
-            *out.add(row) = sum as f32;
         }
     }
+    unsafe { by_four_heads!(heads, a) }
 }
 
-/// [`tinyblas16_avx512`] for sixteen rows, one chain each.
+/// [`tinyblas16_avx512`] for sixteen rows and up to four heads: two rows at a time, one chain
+/// per row and head.
 ///
 /// # Safety
 /// See [`HalfDots16Fn`]; `k` a multiple of 16; the CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn tinyblas16_avx512_x16(
-    x: *const f32,
-    w: *const u16,
-    stride: usize,
-    k: usize,
-    out: *mut f32,
-) {
-    use std::arch::x86_64::*;
-    unsafe {
-        let mut acc = [_mm512_setzero_ps(); 16];
-        let mut i = 0;
-        while i + 16 <= k {
-            let xv = _mm512_loadu_ps(x.add(i));
-            for (row, a) in acc.iter_mut().enumerate() {
-                let wv =
-                    _mm512_cvtph_ps(_mm256_loadu_si256(w.add(row * stride + i) as *const __m256i));
-                *a = _mm512_fmadd_ps(xv, wv, *a);
+pub unsafe fn tinyblas16_avx512_x16(a: &Rows16) {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn heads<const H: usize>(a: &Rows16, h0: usize) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let x = a.x.add(h0 * a.k);
+            let mut r = [[_mm512_setzero_ps(); 16]; H];
+            for row in (0..16).step_by(2) {
+                let (w0, w1) = (a.w.add(row * a.stride), a.w.add((row + 1) * a.stride));
+                // Per head, the chains of the two rows.
+                let mut acc = [[_mm512_setzero_ps(); 2]; H];
+                let mut i = 0;
+                while i + 16 <= a.k {
+                    let v0 = _mm512_cvtph_ps(_mm256_loadu_si256(w0.add(i) as *const __m256i));
+                    let v1 = _mm512_cvtph_ps(_mm256_loadu_si256(w1.add(i) as *const __m256i));
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_loadu_ps(x.add(h * a.k + i));
+                        acc[0] = _mm512_fmadd_ps(xv, v0, acc[0]);
+                        acc[1] = _mm512_fmadd_ps(xv, v1, acc[1]);
+                    }
+                    i += 16;
+                }
+                for (r, acc) in r.iter_mut().zip(&acc) {
+                    r[row] = acc[0];
+                    r[row + 1] = acc[1];
+                }
             }
-            i += 16;
+            for (h, r) in r.iter().enumerate() {
+                _mm512_storeu_ps(a.out.add((h0 + h) * a.out_stride), reduce_add_x16(r));
+            }
         }
-        _mm512_storeu_ps(out, reduce_add_x16(&acc));
     }
+    unsafe { by_four_heads!(heads, a) }
 }
 
-/// [`HalfChainsFn`] with AVX-512: sixteen dimensions at a time, each chain a register.
+/// Rows of values a [`chains_avx512`] pass takes before the next head: the window's f16 values
+/// (16 KiB of 64-byte lines for a slice) stay in L1 for every head sharing them.
+const CHAIN_WINDOW: usize = 256;
+
+/// [`HalfChainsFn`] with AVX-512: sixteen dimensions at a time, each chain a register, over
+/// windows of [`CHAIN_WINDOW`] rows that every head (up to four at once) runs through before
+/// the next window; 64 chains run as four passes of sixteen per window, rows in order within
+/// each chain.
 ///
 /// # Safety
 /// See [`HalfChainsFn`]; the CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn chains_avx512(
-    x: *const f32,
-    n: usize,
-    v: *const u16,
-    stride: usize,
-    d: usize,
-    chains: usize,
-    out: *mut f32,
-) {
+pub unsafe fn chains_avx512(a: &Chains) {
     use std::arch::x86_64::*;
-    /// Chains `c[i]` += `x[j]·v[j]` for `j = first + i`, `first + chains + i`, … below `n`.
+    /// Chains `c[i]` += `x[j]·v(j)` for `j = first + i`, `first + step + i`, … below `end`,
+    /// `v(j)` the sixteen values of row `j`.
     #[inline(always)]
     unsafe fn run(
         c: &mut [__m512; 16],
         x: *const f32,
-        n: usize,
-        v: *const u16,
-        stride: usize,
-        first: usize,
-        step: usize,
+        (first, end, step): (usize, usize, usize),
+        v: impl Fn(usize) -> __m512,
     ) {
         unsafe {
             let mut j0 = first;
-            while j0 + 16 <= n {
+            while j0 + 16 <= end {
                 for (i, c) in c.iter_mut().enumerate() {
-                    let vr = v.add((j0 + i) * stride) as *const __m256i;
-                    let vv = _mm512_cvtph_ps(_mm256_loadu_si256(vr));
-                    *c = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(j0 + i)), vv, *c);
+                    *c = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(j0 + i)), v(j0 + i), *c);
                 }
                 j0 += step;
             }
-            for (i, c) in c.iter_mut().enumerate().take(n.saturating_sub(j0)) {
-                let vv = _mm512_cvtph_ps(_mm256_loadu_si256(
-                    v.add((j0 + i) * stride) as *const __m256i
-                ));
-                *c = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(j0 + i)), vv, *c);
+            for (i, c) in c.iter_mut().enumerate().take(end.saturating_sub(j0)) {
+                *c = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(j0 + i)), v(j0 + i), *c);
             }
         }
     }
-    unsafe {
-        for dim in (0..d).step_by(16) {
-            let vd = v.add(dim);
-            let mut c = [_mm512_setzero_ps(); 16];
-            if chains == 64 {
-                // Chains 16m + i, m = 0..3, a quarter at a time.
-                let mut part = [[_mm512_setzero_ps(); 16]; 4];
-                for (m, p) in part.iter_mut().enumerate() {
-                    run(p, x, n, vd, stride, 16 * m, 64);
+    #[target_feature(enable = "avx512f")]
+    unsafe fn heads<const H: usize>(a: &Chains, h0: usize) {
+        unsafe {
+            let parts = a.chains / 16;
+            // Several heads read the window's values converted once, from L1.
+            // Written before it is read (rows below the window's end), so left uninitialized.
+            let mut window = [const { std::mem::MaybeUninit::<__m512>::uninit() }; CHAIN_WINDOW];
+            for dim in (0..a.d).step_by(16) {
+                let v = a.v.add(dim);
+                let row = |j: usize| {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(v.add(j * a.stride) as *const __m256i))
+                };
+                let mut state = [[[_mm512_setzero_ps(); 16]; 4]; H];
+                for w0 in (0..a.n).step_by(CHAIN_WINDOW) {
+                    let end = (w0 + CHAIN_WINDOW).min(a.n);
+                    if H > 1 {
+                        for (j, w) in window.iter_mut().enumerate().take(end - w0) {
+                            let ahead = v.wrapping_add((w0 + j + CHAIN_WINDOW) * a.stride);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                            w.write(row(w0 + j));
+                        }
+                    }
+                    for (h, state) in state.iter_mut().enumerate() {
+                        let x = a.x.add((h0 + h) * a.x_stride);
+                        for (m, part) in state.iter_mut().enumerate().take(parts) {
+                            // A local copy, so that the chains live in registers.
+                            let mut c = *part;
+                            let rows = (w0 + 16 * m, end, a.chains);
+                            if H > 1 {
+                                let w = window.as_ptr();
+                                run(&mut c, x, rows, |j| (*w.add(j - w0)).assume_init());
+                            } else {
+                                run(&mut c, x, rows, row);
+                            }
+                            *part = c;
+                        }
+                    }
                 }
-                for (l, c) in c.iter_mut().enumerate() {
-                    *c = _mm512_add_ps(
-                        _mm512_add_ps(part[0][l], part[2][l]),
-                        _mm512_add_ps(part[1][l], part[3][l]),
-                    );
+                for (h, p) in state.iter().enumerate() {
+                    let mut c = p[0];
+                    if parts == 4 {
+                        for (l, c) in c.iter_mut().enumerate() {
+                            *c = _mm512_add_ps(
+                                _mm512_add_ps(p[0][l], p[2][l]),
+                                _mm512_add_ps(p[1][l], p[3][l]),
+                            );
+                        }
+                    }
+                    let mut half = 16;
+                    while half > 1 {
+                        half /= 2;
+                        for i in 0..half {
+                            c[i] = _mm512_add_ps(c[i], c[i + half]);
+                        }
+                    }
+                    _mm512_storeu_ps(a.out.add((h0 + h) * a.out_stride + dim), c[0]);
                 }
-            } else {
-                run(&mut c, x, n, vd, stride, 0, 16);
             }
-            let mut half = 16;
-            while half > 1 {
-                half /= 2;
-                for i in 0..half {
-                    c[i] = _mm512_add_ps(c[i], c[i + half]);
-                }
-            }
-            _mm512_storeu_ps(out.add(dim), c[0]);
         }
     }
+    unsafe { by_four_heads!(heads, a) }
 }
 
 /// The two f16 dot orders for one host.
@@ -468,35 +562,53 @@ mod tests {
 
     #[test]
     fn sixteen_rows_equal_sixteen_single_dots() {
-        for k in [16, 48, 64, 80, 128, 200] {
+        for (k, heads) in [
+            (16, 1),
+            (48, 2),
+            (64, 3),
+            (80, 4),
+            (128, 5),
+            (200, 7),
+            (128, 8),
+        ] {
             let stride = k + 24;
             let w = halves(16 * stride, k as u64);
-            let x: Vec<f32> = halves(k, 7)
+            let x: Vec<f32> = halves(heads * k, 7)
                 .iter()
                 .map(|&b| f16::from_bits(b).to_f32())
                 .collect();
             for dots in [HalfDots::select(true), HalfDots::select(false)] {
-                let mut out = [0.0f32; 16];
-                unsafe { (dots.gemv16)(x.as_ptr(), w.as_ptr(), stride, k, out.as_mut_ptr()) };
-                for (r, &got) in out.iter().enumerate() {
-                    let one = unsafe { (dots.gemv)(x.as_ptr(), w[r * stride..].as_ptr(), k) };
-                    assert_eq!(
-                        got.to_bits(),
-                        one.to_bits(),
-                        "{} gemv16 k={k} row {r}",
-                        dots.variant
-                    );
-                }
-                if k % 16 == 0 {
-                    unsafe { (dots.gemm16)(x.as_ptr(), w.as_ptr(), stride, k, out.as_mut_ptr()) };
-                    for (r, &got) in out.iter().enumerate() {
-                        let one = unsafe { (dots.gemm)(x.as_ptr(), w[r * stride..].as_ptr(), k) };
-                        assert_eq!(
-                            got.to_bits(),
-                            one.to_bits(),
-                            "{} gemm16 k={k} row {r}",
-                            dots.variant
-                        );
+                let out_stride = 19;
+                let mut out = vec![f32::NAN; heads * out_stride];
+                let rows = Rows16 {
+                    x: x.as_ptr(),
+                    heads,
+                    w: w.as_ptr(),
+                    stride,
+                    k,
+                    out: out.as_mut_ptr(),
+                    out_stride,
+                };
+                for (name, many, one) in [
+                    ("gemv", dots.gemv16, dots.gemv),
+                    ("gemm", dots.gemm16, dots.gemm),
+                ] {
+                    if name == "gemm" && k % 16 != 0 {
+                        continue;
+                    }
+                    unsafe { many(&rows) };
+                    for h in 0..heads {
+                        for r in 0..16 {
+                            let expect =
+                                unsafe { one(x[h * k..].as_ptr(), w[r * stride..].as_ptr(), k) };
+                            let got = out[h * out_stride + r];
+                            assert_eq!(
+                                got.to_bits(),
+                                expect.to_bits(),
+                                "{} {name} k={k} head {h} row {r}",
+                                dots.variant
+                            );
+                        }
                     }
                 }
             }
@@ -528,18 +640,21 @@ mod tests {
         let Some(chains_fn) = HalfDots::select(false).chains else {
             return;
         };
-        for (d, n) in [
-            (16, 1),
-            (64, 17),
-            (128, 64),
-            (128, 100),
-            (80, 200),
-            (128, 301),
+        // Windows of 256 rows: lengths inside one, across one boundary, across several.
+        for (d, n, heads) in [
+            (16, 1, 1),
+            (64, 17, 2),
+            (128, 64, 4),
+            (128, 100, 3),
+            (80, 300, 5),
+            (128, 601, 4),
+            (32, 512, 1),
         ] {
             let stride = 5 * d;
+            let x_stride = n + 7;
             let v = halves(n * stride, n as u64);
             // Scores of a softmax: small, positive, some exactly zero.
-            let x: Vec<f32> = halves(n, 3)
+            let x: Vec<f32> = halves(heads * x_stride, 3)
                 .iter()
                 .enumerate()
                 .map(|(j, &b)| {
@@ -551,25 +666,30 @@ mod tests {
                 })
                 .collect();
             for chains in [16, 64] {
-                let expect = chains_reference(&x, &v, stride, d, chains);
-                let mut got = vec![0.0f32; d];
-                unsafe {
-                    chains_fn(
-                        x.as_ptr(),
-                        n,
-                        v.as_ptr(),
-                        stride,
-                        d,
-                        chains,
-                        got.as_mut_ptr(),
-                    )
+                let out_stride = d + 3;
+                let mut got = vec![f32::NAN; heads * out_stride];
+                let a = Chains {
+                    x: x.as_ptr(),
+                    x_stride,
+                    heads,
+                    n,
+                    v: v.as_ptr(),
+                    stride,
+                    d,
+                    chains,
+                    out: got.as_mut_ptr(),
+                    out_stride,
                 };
-                for dim in 0..d {
-                    assert_eq!(
-                        got[dim].to_bits(),
-                        expect[dim].to_bits(),
-                        "d={d} n={n} chains={chains} dim {dim}"
-                    );
+                unsafe { chains_fn(&a) };
+                for h in 0..heads {
+                    let expect = chains_reference(&x[h * x_stride..][..n], &v, stride, d, chains);
+                    for dim in 0..d {
+                        assert_eq!(
+                            got[h * out_stride + dim].to_bits(),
+                            expect[dim].to_bits(),
+                            "d={d} n={n} chains={chains} head {h} dim {dim}"
+                        );
+                    }
                 }
             }
         }

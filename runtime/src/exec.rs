@@ -8,7 +8,7 @@
 use crate::pool::{Pool, split};
 use bitnetc_codegen_cpu::act::{QuantFn, select_quant};
 use bitnetc_codegen_cpu::blocks::{BlockDotFn, BlockGemmFn};
-use bitnetc_codegen_cpu::half::{HalfChainsFn, HalfDots};
+use bitnetc_codegen_cpu::half::{Chains, HalfChainsFn, HalfDots, Rows16};
 use bitnetc_codegen_cpu::jit::JitError;
 use bitnetc_codegen_cpu::lut;
 use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary, fixed_ternary};
@@ -1205,31 +1205,30 @@ impl Executor {
                         std::slice::from_raw_parts(pv, n),
                     )
                 };
-                let row = l.g * l.d;
-                // One run of rows for one sequence (positions in a row), else a row per token.
-                let runs = if seqs.seq_of.is_some() { t } else { 1 };
-                for r in 0..runs {
-                    let (seq, first, count) = match seqs.seq_of {
-                        None => (0, 0, t),
-                        Some(of) => (of[r], r, 1),
-                    };
-                    let at = pos[first] as usize * row;
-                    let src = first * row..(first + count) * row;
-                    let len = src.len();
-                    match &mut caches[seq].kv[*layer] {
-                        KvData::F16(kc, vc) => {
-                            // Round to nearest even, as f16::from_f32 (F16C when the host has
-                            // it).
-                            kc[at..at + len]
-                                .reinterpret_cast_mut::<f16>()
-                                .convert_from_f32_slice(&ks[src.clone()]);
-                            vc[at..at + len]
-                                .reinterpret_cast_mut::<f16>()
-                                .convert_from_f32_slice(&vs[src]);
-                        }
-                        KvData::F32(kc, vc) => {
-                            kc[at..at + len].copy_from_slice(&ks[src.clone()]);
-                            vc[at..at + len].copy_from_slice(&vs[src]);
+                let (g, d, capacity) = (l.g, l.d, st.capacity);
+                // The cache is head-major: head `kvh`'s rows are `capacity` positions apart
+                // from the next head's, so attention reads each head's keys and values as
+                // one contiguous run.
+                for (tok, &p) in pos[..t].iter().enumerate() {
+                    let seq = seqs.seq(tok);
+                    for kvh in 0..g {
+                        let at = (kvh * capacity + p as usize) * d;
+                        let src = (tok * g + kvh) * d..(tok * g + kvh + 1) * d;
+                        match &mut caches[seq].kv[*layer] {
+                            KvData::F16(kc, vc) => {
+                                // Round to nearest even, as f16::from_f32 (F16C when the host
+                                // has it).
+                                kc[at..at + d]
+                                    .reinterpret_cast_mut::<f16>()
+                                    .convert_from_f32_slice(&ks[src.clone()]);
+                                vc[at..at + d]
+                                    .reinterpret_cast_mut::<f16>()
+                                    .convert_from_f32_slice(&vs[src]);
+                            }
+                            KvData::F32(kc, vc) => {
+                                kc[at..at + d].copy_from_slice(&ks[src.clone()]);
+                                vc[at..at + d].copy_from_slice(&vs[src]);
+                            }
                         }
                     }
                 }
@@ -1691,7 +1690,7 @@ impl Executor {
         let (q, o) = (Shared(q as *mut f32), Shared(o));
         let half = self.half;
         let locals = &st.locals;
-        let row_len = g * d;
+        let cap = st.capacity;
         // Values as f32, converted once per step and sequence (not once per query head and
         // token): the positions its last token sees.
         for (c, cache) in caches.iter_mut().enumerate() {
@@ -1705,15 +1704,16 @@ impl Executor {
                 let dst = Shared(v32.as_mut_ptr());
                 let convert = |w: usize, nw: usize| {
                     let r = split(rows, w, nw, 16);
-                    let src: &[f16] = vc[r.start * row_len..r.end * row_len].reinterpret_cast();
-                    // SAFETY: workers write disjoint row ranges of v32, sized for the capacity.
-                    let out = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            dst.get().add(r.start * row_len),
-                            r.len() * row_len,
-                        )
-                    };
-                    src.convert_to_f32_slice(out);
+                    for kvh in 0..g {
+                        let run = (kvh * cap + r.start) * d..(kvh * cap + r.end) * d;
+                        let src: &[f16] = vc[run.clone()].reinterpret_cast();
+                        // SAFETY: workers write disjoint row ranges of v32, sized for the
+                        // capacity.
+                        let out = unsafe {
+                            std::slice::from_raw_parts_mut(dst.get().add(run.start), run.len())
+                        };
+                        src.convert_to_f32_slice(out);
+                    }
                 };
                 if self.threads() > 1 && rows >= 64 {
                     self.pool.run(&convert);
@@ -1741,9 +1741,11 @@ impl Executor {
                 let cache = &caches[seqs.seq(tok)];
                 let kv = &cache.kv[layer];
                 let visible = seqs.pos[tok] as usize + 1;
+                // This head's rows.
+                let rows = kvh * cap * d..(kvh * cap + visible) * d;
                 let v32: &[f32] = match kv {
-                    KvData::F32(_, vc) => &vc[..visible * row_len],
-                    KvData::F16(..) => &cache.v32[..visible * row_len],
+                    KvData::F32(_, vc) => &vc[rows.clone()],
+                    KvData::F16(..) => &cache.v32[rows.clone()],
                 };
                 let qv =
                     unsafe { std::slice::from_raw_parts(q.get().add((tok * h + head) * d), d) };
@@ -1751,7 +1753,7 @@ impl Executor {
                 match kv {
                     KvData::F16(kc, _) if kq == DotPath::F32 => {
                         for (j, s) in scores[..visible].iter_mut().enumerate() {
-                            let kr: &[f16] = kc[(j * g + kvh) * d..][..d].reinterpret_cast();
+                            let kr: &[f16] = kc[rows.start + j * d..][..d].reinterpret_cast();
                             kr.convert_to_f32_slice(&mut row[..d]);
                             *s = numerics::dot_f64(qv, &row[..d]) * scale;
                         }
@@ -1770,13 +1772,13 @@ impl Executor {
                             _ => half.gemv,
                         };
                         for (j, s) in scores[..visible].iter_mut().enumerate() {
-                            let kr = &kc[(j * g + kvh) * d..][..d];
+                            let kr = &kc[rows.start + j * d..][..d];
                             *s = unsafe { dot(qh.as_ptr(), kr.as_ptr(), d) } * scale;
                         }
                     }
                     KvData::F32(kc, _) => {
                         for (j, s) in scores[..visible].iter_mut().enumerate() {
-                            *s = numerics::dot_f64(qv, &kc[(j * g + kvh) * d..][..d]) * scale;
+                            *s = numerics::dot_f64(qv, &kc[rows.start + j * d..][..d]) * scale;
                         }
                     }
                 }
@@ -1786,7 +1788,7 @@ impl Executor {
                 }
                 let out =
                     unsafe { std::slice::from_raw_parts_mut(o.get().add((tok * h + head) * d), d) };
-                weighted_values(v32, kqv, scores, visible, g, kvh, d, acc, acc64, out);
+                weighted_values(v32, kqv, scores, visible, d, acc, acc64, out);
             }
         };
         if self.threads() > 1 && t * h > 1 {
@@ -1800,10 +1802,11 @@ impl Executor {
 impl Executor {
     /// Attention over an f16 cache with the host's vector kernels, the same numbers as
     /// [`Executor::attention`]'s per-head loop in three passes over the workers, a chunk of
-    /// tokens at a time: the scores (items of [`KEY_BLOCK`] keys, each key read once for all
-    /// the query heads that share it, sixteen keys per call), the softmax of each head, then
-    /// the weighted values sixteen dimensions at a time (each slice of the values read once for
-    /// the heads sharing it). Every pass has items enough for all workers even for one token.
+    /// tokens at a time: the scores (items of [`KEY_BLOCK`] keys, sixteen keys per call, each
+    /// converted once for all the query heads that share it), the softmax of each head, then
+    /// the weighted values (items of 32 dimensions, each window of values converted once for
+    /// the heads sharing it). Every pass has items enough for all workers even for one token,
+    /// and each reads a head's keys or values as one contiguous run of the head-major cache.
     #[allow(clippy::too_many_arguments)]
     fn attention_phased(
         &self,
@@ -1819,7 +1822,7 @@ impl Executor {
         let l = self.kv[layer];
         let (g, d) = (l.g, l.d);
         let group = h / g;
-        let row_len = g * d;
+        let cap = st.capacity;
         let half = self.half;
         let (dot, dot16) = match kq {
             DotPath::Gemm { .. } => (half.gemm, half.gemm16),
@@ -1885,18 +1888,29 @@ impl Executor {
             run(count, &|w, nw| {
                 for (kvh, b, tok) in score_items().skip(w).step_by(nw) {
                     let (k0, k1) = (b * KEY_BLOCK, ((b + 1) * KEY_BLOCK).min(visible(tok)));
-                    let keys = unsafe { cache(tok).0.add(kvh * d) };
-                    for head in kvh * group..(kvh + 1) * group {
-                        let i = (tok - c0) * h + head;
-                        let x = unsafe { qh.get().add(i * d) };
-                        let row = unsafe { scores.get().add(i * stride) };
-                        let mut j = k0;
-                        while j + 16 <= k1 {
-                            unsafe { dot16(x, keys.add(j * row_len), row_len, d, row.add(j)) };
-                            j += 16;
-                        }
+                    let keys = unsafe { cache(tok).0.add(kvh * cap * d) };
+                    // The group's query heads are consecutive rows, and so are their scores.
+                    let i0 = (tok - c0) * h + kvh * group;
+                    let (x, rows) =
+                        unsafe { (qh.get().add(i0 * d), scores.get().add(i0 * stride)) };
+                    let mut j = k0;
+                    while j + 16 <= k1 {
+                        let a = Rows16 {
+                            x,
+                            heads: group,
+                            w: unsafe { keys.add(j * d) },
+                            stride: d,
+                            k: d,
+                            out: unsafe { rows.add(j) },
+                            out_stride: stride,
+                        };
+                        unsafe { dot16(&a) };
+                        j += 16;
+                    }
+                    for hh in 0..group {
+                        let row = unsafe { rows.add(hh * stride) };
                         for j in j..k1 {
-                            unsafe { *row.add(j) = dot(x, keys.add(j * row_len), d) };
+                            unsafe { *row.add(j) = dot(x.add(hh * d), keys.add(j * d), d) };
                         }
                         for j in k0..k1 {
                             unsafe { *row.add(j) *= scale };
@@ -1920,65 +1934,65 @@ impl Executor {
                     }
                 }
             });
-            // Items (kv head, slice of 16 dimensions, token).
-            let slices = d / 16;
-            run(g * slices * n, &|w, nw| {
-                for item in (w..g * slices * n).step_by(nw) {
-                    let (kvh, sl, tok) = (item / (slices * n), item / n % slices, c0 + item % n);
+            // Items (kv head, 32 dimensions (two 64-byte lines of each value row), token).
+            let parts = d.div_ceil(32);
+            run(g * parts * n, &|w, nw| {
+                for item in (w..g * parts * n).step_by(nw) {
+                    let (kvh, part, tok) = (item / (parts * n), item / n % parts, c0 + item % n);
+                    let dim0 = 32 * part;
+                    let dims = (d - dim0).min(32);
                     let vis = visible(tok);
                     let padded = vis.next_multiple_of(32);
                     let limit = if n_chains == 16 { padded } else { padded & !63 };
-                    let values = unsafe { cache(tok).1.add(kvh * d + 16 * sl) };
-                    for head in kvh * group..(kvh + 1) * group {
-                        let i = (tok - c0) * h + head;
-                        let x = unsafe {
-                            std::slice::from_raw_parts(scores.get().add(i * stride), padded)
+                    let values = unsafe { cache(tok).1.add(kvh * cap * d + dim0) };
+                    let i0 = (tok - c0) * h + kvh * group;
+                    let x = unsafe { scores.get().add(i0 * stride) };
+                    let out = unsafe { o.get().add((tok * h + kvh * group) * d + dim0) };
+                    // Below 64 positions the GEMV has no chains, only its f64 tail.
+                    if limit > 0 {
+                        let a = Chains {
+                            x,
+                            x_stride: stride,
+                            heads: group,
+                            n: limit.min(vis),
+                            v: values,
+                            stride: d,
+                            d: dims,
+                            chains: n_chains,
+                            out,
+                            out_stride: d,
                         };
-                        let mut sums = [0.0f32; 16];
-                        // Below 64 positions the GEMV has no chains, only its f64 tail.
+                        unsafe { chains(&a) };
+                    }
+                    if n_chains == 16 {
+                        continue;
+                    }
+                    // ggml's GEMV adds the elements past the last 64 in f64, padding (0·0)
+                    // included.
+                    for hh in 0..group {
+                        let out = unsafe { std::slice::from_raw_parts_mut(out.add(hh * d), dims) };
+                        let x = unsafe { std::slice::from_raw_parts(x.add(hh * stride), padded) };
+                        let mut acc = [0.0f64; 32];
                         if limit > 0 {
-                            let nj = limit.min(vis);
-                            unsafe {
-                                chains(
-                                    x.as_ptr(),
-                                    nj,
-                                    values,
-                                    row_len,
-                                    16,
-                                    n_chains,
-                                    sums.as_mut_ptr(),
-                                )
-                            };
+                            for (a, &o) in acc.iter_mut().zip(out.iter()) {
+                                *a = o as f64;
+                            }
                         }
-                        let out = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                o.get().add((tok * h + head) * d + 16 * sl),
-                                16,
-                            )
-                        };
-                        if n_chains == 16 {
-                            out.copy_from_slice(&sums);
-                            continue;
-                        }
-                        // ggml's GEMV adds the elements past the last 64 in f64, padding (0·0)
-                        // included.
-                        let mut acc = sums.map(|v| v as f64);
                         for (j, &xj) in x.iter().enumerate().skip(limit) {
                             if j < vis {
-                                let v: &[f16] = unsafe {
-                                    std::slice::from_raw_parts(values.add(j * row_len), 16)
-                                }
-                                .reinterpret_cast();
+                                let v: &[f16] =
+                                    unsafe { std::slice::from_raw_parts(values.add(j * d), dims) }
+                                        .reinterpret_cast();
                                 for (a, v) in acc.iter_mut().zip(v) {
                                     *a += (xj * v.to_f32()) as f64;
                                 }
                             } else {
-                                for a in &mut acc {
+                                for a in &mut acc[..dims] {
                                     *a += 0.0;
                                 }
                             }
                         }
-                        for (o, a) in out.iter_mut().zip(acc) {
+                        for (o, &a) in out.iter_mut().zip(&acc) {
                             *o = a as f32;
                         }
                     }
@@ -1997,15 +2011,13 @@ fn weighted_values(
     path: DotPath,
     scores: &[f32],
     visible: usize,
-    g: usize,
-    kvh: usize,
     d: usize,
     acc: &mut Vec<f32>,
     acc64: &mut Vec<f64>,
     out: &mut [f32],
 ) {
     let padded = scores.len();
-    let v_row = |j: usize| &v[(j * g + kvh) * d..][..d];
+    let v_row = |j: usize| &v[j * d..][..d];
     match path {
         DotPath::F32 => {
             acc64.clear();
