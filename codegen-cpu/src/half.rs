@@ -424,7 +424,13 @@ pub unsafe fn chains_avx512(a: &Chains) {
                 let row = |j: usize| {
                     _mm512_cvtph_ps(_mm256_loadu_si256(v.add(j * a.stride) as *const __m256i))
                 };
-                let mut state = [[[_mm512_setzero_ps(); 16]; 4]; H];
+                // Each head's chains between windows (only the parts in use are touched).
+                let mut state = [[const { std::mem::MaybeUninit::<__m512>::uninit() }; 64]; H];
+                for s in &mut state {
+                    for c in &mut s[..16 * parts] {
+                        c.write(_mm512_setzero_ps());
+                    }
+                }
                 for w0 in (0..a.n).step_by(CHAIN_WINDOW) {
                     let end = (w0 + CHAIN_WINDOW).min(a.n);
                     if H > 1 {
@@ -436,9 +442,11 @@ pub unsafe fn chains_avx512(a: &Chains) {
                     }
                     for (h, state) in state.iter_mut().enumerate() {
                         let x = a.x.add((h0 + h) * a.x_stride);
-                        for (m, part) in state.iter_mut().enumerate().take(parts) {
-                            // A local copy, so that the chains live in registers.
-                            let mut c = *part;
+                        for m in 0..parts {
+                            // Loaded into registers, run, stored back.
+                            let part = state.as_mut_ptr().add(16 * m);
+                            let mut c: [__m512; 16] =
+                                std::array::from_fn(|i| (*part.add(i)).assume_init());
                             let rows = (w0 + 16 * m, end, a.chains);
                             if H > 1 {
                                 let w = window.as_ptr();
@@ -446,17 +454,20 @@ pub unsafe fn chains_avx512(a: &Chains) {
                             } else {
                                 run(&mut c, x, rows, row);
                             }
-                            *part = c;
+                            for (i, c) in c.into_iter().enumerate() {
+                                (*part.add(i)).write(c);
+                            }
                         }
                     }
                 }
-                for (h, p) in state.iter().enumerate() {
-                    let mut c = p[0];
+                for (h, state) in state.iter().enumerate() {
+                    let p = |m: usize, l: usize| state[16 * m + l].assume_init();
+                    let mut c: [__m512; 16] = std::array::from_fn(|l| p(0, l));
                     if parts == 4 {
                         for (l, c) in c.iter_mut().enumerate() {
                             *c = _mm512_add_ps(
-                                _mm512_add_ps(p[0][l], p[2][l]),
-                                _mm512_add_ps(p[1][l], p[3][l]),
+                                _mm512_add_ps(p(0, l), p(2, l)),
+                                _mm512_add_ps(p(1, l), p(3, l)),
                             );
                         }
                     }
