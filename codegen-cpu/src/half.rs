@@ -170,6 +170,89 @@ pub unsafe fn tinyblas16_avx512(x: *const f32, w: *const u16, k: usize) -> f32 {
     }
 }
 
+/// [`vec_f16_scalar`] with AVX2, FMA and F16C: each 16-lane chain of the AVX-512 order as two
+/// 8-lane halves, the same fused multiply-adds lane by lane, then the same sums.
+///
+/// # Safety
+/// See [`HalfDotFn`]; the CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn vec_f16_avx2(x: *const f32, w: *const u16, k: usize) -> f32 {
+    use std::arch::x86_64::*;
+    unsafe {
+        let np = k & !63;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i < np {
+            let ahead = w.wrapping_add(i + 4096) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            // acc[2j + half]: lanes 8·half .. 8·half + 8 of chain j.
+            for (c, a) in acc.iter_mut().enumerate() {
+                let e = i + 8 * c;
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(e) as *const __m128i));
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(e)), wv, *a);
+            }
+            i += 64;
+        }
+        let mut lanes = [0.0f32; 16];
+        for half in 0..2 {
+            let [a0, a1, a2, a3] = [0, 1, 2, 3].map(|j| acc[2 * j + half]);
+            let r = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * half), r);
+        }
+        let mut sum = reduce16(lanes) as f64;
+        for e in np..k {
+            sum += (*x.add(e) * f16::from_bits(*w.add(e)).to_f32()) as f64;
+        }
+        sum as f32
+    }
+}
+
+/// [`tinyblas16_scalar`] with AVX2, FMA and F16C: the 16-lane chain as two halves.
+///
+/// # Safety
+/// See [`HalfDotFn`]; the CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tinyblas16_avx2(x: *const f32, w: *const u16, k: usize) -> f32 {
+    use std::arch::x86_64::*;
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut i = 0;
+        while i + 16 <= k {
+            for (half, a) in acc.iter_mut().enumerate() {
+                let e = i + 8 * half;
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(e) as *const __m128i));
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(e)), wv, *a);
+            }
+            i += 16;
+        }
+        let mut lanes = [0.0f32; 16];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+        reduce16(lanes)
+    }
+}
+
+/// [`vec_f16_avx2`] row by row.
+///
+/// # Safety
+/// See [`HalfDots16Fn`]; the CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn vec_f16_avx2_x16(a: &Rows16) {
+    unsafe { rows16_by_one(a, vec_f16_avx2) }
+}
+
+/// [`tinyblas16_avx2`] row by row.
+///
+/// # Safety
+/// See [`HalfDots16Fn`]; the CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn tinyblas16_avx2_x16(a: &Rows16) {
+    unsafe { rows16_by_one(a, tinyblas16_avx2) }
+}
+
 /// `one` for every head and row of `a`.
 ///
 /// # Safety
@@ -503,29 +586,54 @@ pub struct HalfDots {
 }
 
 impl HalfDots {
-    /// The fastest exact pair this host runs; `portable` forces the scalar pair.
+    /// The fastest exact set this host runs; `portable` forces the scalar one.
     pub fn select(portable: bool) -> HalfDots {
-        #[cfg(target_arch = "x86_64")]
-        if !portable && std::is_x86_feature_detected!("avx512f") {
-            return HalfDots {
-                variant: "avx512",
-                gemv: vec_f16_avx512,
-                gemm: tinyblas16_avx512,
-                gemv16: vec_f16_avx512_x16,
-                gemm16: tinyblas16_avx512_x16,
-                chains: Some(chains_avx512),
-            };
+        if portable {
+            return HalfDots::SCALAR;
         }
-        let _ = portable;
-        HalfDots {
-            variant: "scalar",
-            gemv: vec_f16_scalar,
-            gemm: tinyblas16_scalar,
-            gemv16: vec_f16_scalar_x16,
-            gemm16: tinyblas16_scalar_x16,
-            chains: None,
-        }
+        *HalfDots::variants().last().unwrap_or(&HalfDots::SCALAR)
     }
+
+    /// Every set this host runs, slowest first (all give the same bits).
+    pub fn variants() -> Vec<HalfDots> {
+        #[allow(unused_mut)]
+        let mut all = vec![HalfDots::SCALAR];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |f: &[bool]| f.iter().all(|&b| b);
+            use std::arch::is_x86_feature_detected as x86;
+            if has(&[x86!("avx2"), x86!("fma"), x86!("f16c")]) {
+                all.push(HalfDots {
+                    variant: "avx2",
+                    gemv: vec_f16_avx2,
+                    gemm: tinyblas16_avx2,
+                    gemv16: vec_f16_avx2_x16,
+                    gemm16: tinyblas16_avx2_x16,
+                    chains: None,
+                });
+            }
+            if x86!("avx512f") {
+                all.push(HalfDots {
+                    variant: "avx512",
+                    gemv: vec_f16_avx512,
+                    gemm: tinyblas16_avx512,
+                    gemv16: vec_f16_avx512_x16,
+                    gemm16: tinyblas16_avx512_x16,
+                    chains: Some(chains_avx512),
+                });
+            }
+        }
+        all
+    }
+
+    const SCALAR: HalfDots = HalfDots {
+        variant: "scalar",
+        gemv: vec_f16_scalar,
+        gemm: tinyblas16_scalar,
+        gemv16: vec_f16_scalar_x16,
+        gemm16: tinyblas16_scalar_x16,
+        chains: None,
+    };
 }
 
 #[cfg(test)]
@@ -536,15 +644,12 @@ mod tests {
     #[test]
     fn every_variant_equals_the_numerics_bit_for_bit() {
         for k in [16, 32, 64, 80, 128, 200, 2560] {
-            let x: Vec<f32> = halves(k, 3)
-                .iter()
-                .map(|&b| f16::from_bits(b).to_f32())
-                .collect();
+            let x = floats(k, 3);
             let w = halves(k, 4);
             let wf: Vec<f32> = w.iter().map(|&b| f16::from_bits(b).to_f32()).collect();
             let gemv = dot_ggml_vec_f16(&x, &wf);
             let gemm = dot_tinyblas16(&x, &wf);
-            for dots in [HalfDots::select(true), HalfDots::select(false)] {
+            for dots in HalfDots::variants() {
                 let got = unsafe { (dots.gemv)(x.as_ptr(), w.as_ptr(), k) };
                 assert_eq!(got.to_bits(), gemv.to_bits(), "{} gemv k={k}", dots.variant);
                 if k % 16 == 0 {
@@ -553,6 +658,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `n` pseudo-random f32 values in (−5, 5) with every mantissa bit in use, so that sums in
+    /// another order round differently (products of f16 values alone would add exactly).
+    fn floats(n: usize, seed: u64) -> Vec<f32> {
+        halves(n, seed)
+            .iter()
+            .map(|&b| f16::from_bits(b).to_f32() * 1.234_567_9)
+            .collect()
     }
 
     /// `n` pseudo-random f16 values in (−4, 4), as bits.
@@ -581,11 +695,8 @@ mod tests {
         ] {
             let stride = k + 24;
             let w = halves(16 * stride, k as u64);
-            let x: Vec<f32> = halves(heads * k, 7)
-                .iter()
-                .map(|&b| f16::from_bits(b).to_f32())
-                .collect();
-            for dots in [HalfDots::select(true), HalfDots::select(false)] {
+            let x = floats(heads * k, 7);
+            for dots in HalfDots::variants() {
                 let out_stride = 19;
                 let mut out = vec![f32::NAN; heads * out_stride];
                 let rows = Rows16 {
@@ -662,16 +773,10 @@ mod tests {
             let x_stride = n + 7;
             let v = halves(n * stride, n as u64);
             // Scores of a softmax: small, positive, some exactly zero.
-            let x: Vec<f32> = halves(heads * x_stride, 3)
+            let x: Vec<f32> = floats(heads * x_stride, 3)
                 .iter()
                 .enumerate()
-                .map(|(j, &b)| {
-                    if j % 7 == 3 {
-                        0.0
-                    } else {
-                        f16::from_bits(b).to_f32().abs() / 4.0
-                    }
-                })
+                .map(|(j, &v)| if j % 7 == 3 { 0.0 } else { v.abs() / 4.0 })
                 .collect();
             for chains in [16, 64] {
                 let out_stride = d + 3;
