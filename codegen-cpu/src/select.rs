@@ -133,6 +133,12 @@ pub fn ternary_candidates(k: usize, set: KernelSet) -> Result<Vec<TernaryKernel>
                     f: ternary::rows_avx512_vnni,
                 });
             }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("avxvnni") {
+                out.push(TernaryKernel::Native {
+                    name: "avx-vnni",
+                    f: ternary::rows_avx_vnni,
+                });
+            }
             if std::is_x86_feature_detected!("avx2") {
                 out.push(TernaryKernel::Native {
                     name: "avx2",
@@ -178,6 +184,13 @@ pub fn ternary_by_name(name: &str, k: usize) -> Result<TernaryKernel, JitError> 
             return lacks("AVX-512 VNNI and BW");
         }
         "avx512-vnni" => Some(("avx512-vnni", ternary::rows_avx512_vnni as RowsFn)),
+        "avx-vnni"
+            if !(std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("avxvnni")) =>
+        {
+            return lacks("AVX2 and AVX-VNNI");
+        }
+        "avx-vnni" => Some(("avx-vnni", ternary::rows_avx_vnni as RowsFn)),
         "avx2" if !std::is_x86_feature_detected!("avx2") => return lacks("AVX2"),
         "avx2" => Some(("avx2", ternary::rows_avx2 as RowsFn)),
         _ => None,
@@ -197,7 +210,7 @@ pub fn ternary_by_name(name: &str, k: usize) -> Result<TernaryKernel, JitError> 
         },
         other => {
             return Err(JitError::Shape(format!(
-                "unknown ternary kernel `{other}` (known: amx, avx512-vnni, avx2, jit, \
+                "unknown ternary kernel `{other}` (known: amx, avx512-vnni, avx-vnni, avx2, jit, \
                  jit-baseline, lut, scalar)"
             )));
         }

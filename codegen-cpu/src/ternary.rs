@@ -75,45 +75,162 @@ pub unsafe fn rows_scalar(a: &RowsArgs) {
     }
 }
 
-/// AVX2: one 128-element block per 256-bit register pair.
-///
-/// # Safety
-/// See [`RowsFn`]; the CPU must have AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-pub unsafe fn rows_avx2(a: &RowsArgs) {
-    use std::arch::x86_64::*;
-    unsafe {
-        let mask = _mm256_set1_epi8(3);
-        let ones = _mm256_set1_epi16(1);
-        for r in 0..a.rows {
-            let w = a.w.add(r * a.row_bytes);
-            for t in 0..a.tokens {
-                let q = a.q.add(t * a.q_stride);
-                let mut acc = _mm256_setzero_si256();
-                for b in 0..a.k / 128 {
-                    let wb = _mm256_loadu_si256(w.add(32 * b) as *const __m256i);
-                    let qb = q.add(128 * b);
-                    for (g, shift) in [6, 4, 2, 0].into_iter().enumerate() {
-                        let c =
-                            _mm256_and_si256(_mm256_srl_epi16(wb, _mm_cvtsi32_si128(shift)), mask);
-                        let x = _mm256_loadu_si256(qb.add(32 * g) as *const __m256i);
-                        // Codes are 0..2 (unsigned side): pair sums stay within ±512, no saturation.
-                        let pairs = _mm256_maddubs_epi16(c, x);
-                        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
-                    }
+/// A 256-bit row kernel (`rows`, with its tiles `tiles` and `tile`) for the target features
+/// `features`, where `$dot(c, x)` gives a block's four groups of codes `c` times activations
+/// `x` as eight 32-bit sums. One token runs row by row; several run in tiles of 2 rows × 4
+/// tokens, each block unpacked (shift and mask) once for the tile's tokens.
+macro_rules! rows_256 {
+    ($features:literal, $rows:ident, $tiles:ident, $tile:ident, $dot:ident) => {
+        /// See [`rows_256`]'s kernels.
+        ///
+        /// # Safety
+        /// See [`RowsFn`]; the CPU must have the features named in `target_feature`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        pub unsafe fn $rows(a: &RowsArgs) {
+            unsafe {
+                if a.tokens == 1 {
+                    return $tiles::<1, 1>(a, 0, a.rows, 0);
                 }
-                let s = _mm_add_epi32(
-                    _mm256_castsi256_si128(acc),
-                    _mm256_extracti128_si256(acc, 1),
-                );
-                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-                *a.out.add(t * a.out_stride + r) = _mm_cvtsi128_si32(s);
+                let mut r = 0;
+                while r < a.rows {
+                    let end = (r + GEMM_CHUNK_ROWS).min(a.rows);
+                    let mut t = 0;
+                    while t < a.tokens {
+                        let nt = a.tokens - t;
+                        match nt {
+                            1 => $tiles::<2, 1>(a, r, end, t),
+                            2 => $tiles::<2, 2>(a, r, end, t),
+                            3 => $tiles::<2, 3>(a, r, end, t),
+                            _ => $tiles::<2, 4>(a, r, end, t),
+                        }
+                        t += nt.min(4);
+                    }
+                    r = end;
+                }
             }
         }
+
+        /// Rows `r0..r1` for tokens `t0..t0+T`, `R` rows at a time, then one at a time.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $tiles<const R: usize, const T: usize>(
+            a: &RowsArgs,
+            r0: usize,
+            r1: usize,
+            t0: usize,
+        ) {
+            unsafe {
+                let mut r = r0;
+                while r + R <= r1 {
+                    $tile::<R, T>(a, r, t0);
+                    r += R;
+                }
+                while r < r1 {
+                    $tile::<1, T>(a, r, t0);
+                    r += 1;
+                }
+            }
+        }
+
+        /// One tile: rows `r0..r0+R` by tokens `t0..t0+T`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $tile<const R: usize, const T: usize>(a: &RowsArgs, r0: usize, t0: usize) {
+            use std::arch::x86_64::*;
+            unsafe {
+                let mask = _mm256_set1_epi8(3);
+                let mut acc = [[_mm256_setzero_si256(); T]; R];
+                let w = a.w.add(r0 * a.row_bytes);
+                let q = a.q.add(t0 * a.q_stride);
+                for b in 0..a.k / 128 {
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let wp = w.add(i * a.row_bytes + 32 * b);
+                        if T == 1 && b % 2 == 0 {
+                            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH) as *const i8);
+                        }
+                        let wb = _mm256_loadu_si256(wp as *const __m256i);
+                        let c = [
+                            _mm256_and_si256(_mm256_srli_epi16::<6>(wb), mask),
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(wb), mask),
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(wb), mask),
+                            _mm256_and_si256(wb, mask),
+                        ];
+                        for (t, acc) in acc.iter_mut().enumerate() {
+                            let qb = q.add(t * a.q_stride + 128 * b);
+                            let x = [0, 1, 2, 3]
+                                .map(|g| _mm256_loadu_si256(qb.add(32 * g) as *const __m256i));
+                            *acc = $dot(*acc, &c, &x);
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    for (t, &acc) in acc.iter().enumerate() {
+                        let s = _mm_add_epi32(
+                            _mm256_castsi256_si128(acc),
+                            _mm256_extracti128_si256(acc, 1),
+                        );
+                        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                        *a.out.add((t0 + t) * a.out_stride + r0 + i) = _mm_cvtsi128_si32(s);
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// AVX2: each group's codes times its activations by `vpmaddubsw` (codes 0..3 on the unsigned
+/// side: pair sums within ±768, no saturation), the four summed in 16 bits (within ±3072) and
+/// widened once per block.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_avx2(
+    acc: std::arch::x86_64::__m256i,
+    c: &[std::arch::x86_64::__m256i; 4],
+    x: &[std::arch::x86_64::__m256i; 4],
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    unsafe {
+        let pairs = _mm256_add_epi16(
+            _mm256_add_epi16(
+                _mm256_maddubs_epi16(c[0], x[0]),
+                _mm256_maddubs_epi16(c[1], x[1]),
+            ),
+            _mm256_add_epi16(
+                _mm256_maddubs_epi16(c[2], x[2]),
+                _mm256_maddubs_epi16(c[3], x[3]),
+            ),
+        );
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 }
+
+/// AVX-VNNI: each group by one `vpdpbusd` (VEX, 256 bits), straight into 32-bit sums.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_avx_vnni(
+    acc: std::arch::x86_64::__m256i,
+    c: &[std::arch::x86_64::__m256i; 4],
+    x: &[std::arch::x86_64::__m256i; 4],
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    unsafe {
+        let acc = _mm256_dpbusd_avx_epi32(acc, c[0], x[0]);
+        let acc = _mm256_dpbusd_avx_epi32(acc, c[1], x[1]);
+        let acc = _mm256_dpbusd_avx_epi32(acc, c[2], x[2]);
+        _mm256_dpbusd_avx_epi32(acc, c[3], x[3])
+    }
+}
+
+rows_256!("avx2", rows_avx2, tiles_avx2, tile_avx2, block_avx2);
+rows_256!(
+    "avx2,avxvnni",
+    rows_avx_vnni,
+    tiles_avx_vnni,
+    tile_avx_vnni,
+    block_avx_vnni
+);
 
 /// AVX-512 VNNI: a block's 32 bytes are broadcast to both halves of a 512-bit register and
 /// masked (then shifted by 4 and masked) per half, so each `vpdpbusd` covers 64 elements in
@@ -304,6 +421,13 @@ mod tests {
                     run(rows_avx2, &w, rows, k, &q, tokens),
                     expect,
                     "avx2 {rows}x{k}x{tokens}"
+                );
+            }
+            if std::is_x86_feature_detected!("avxvnni") {
+                assert_eq!(
+                    run(rows_avx_vnni, &w, rows, k, &q, tokens),
+                    expect,
+                    "avx-vnni {rows}x{k}x{tokens}"
                 );
             }
             if std::is_x86_feature_detected!("avx512vnni")
