@@ -164,7 +164,8 @@ mod x86 {
     /// conversion per block would tie each block to the previous one through the register
     /// the compiler merges it into; a copy through memory stalls on store forwarding, and a
     /// gather is slower than eight inserts).
-    #[target_feature(enable = "avx2,f16c,avx512f,avx512vl")]
+    /// Inlined into its callers, whose target features it takes.
+    #[inline(always)]
     unsafe fn halves(
         w: *const u8,
         block_bytes: usize,
@@ -182,20 +183,23 @@ mod x86 {
                 0
             }
         };
-        let mut v = _mm_cvtsi32_si128(h(0));
-        v = _mm_insert_epi16::<1>(v, h(1));
-        v = _mm_insert_epi16::<2>(v, h(2));
-        v = _mm_insert_epi16::<3>(v, h(3));
-        v = _mm_insert_epi16::<4>(v, h(4));
-        v = _mm_insert_epi16::<5>(v, h(5));
-        v = _mm_insert_epi16::<6>(v, h(6));
-        v = _mm_insert_epi16::<7>(v, h(7));
-        _mm256_cvtph_ps(v)
+        // SAFETY: the callers have F16C.
+        unsafe {
+            let mut v = _mm_cvtsi32_si128(h(0));
+            v = _mm_insert_epi16::<1>(v, h(1));
+            v = _mm_insert_epi16::<2>(v, h(2));
+            v = _mm_insert_epi16::<3>(v, h(3));
+            v = _mm_insert_epi16::<4>(v, h(4));
+            v = _mm_insert_epi16::<5>(v, h(5));
+            v = _mm_insert_epi16::<6>(v, h(6));
+            v = _mm_insert_epi16::<7>(v, h(7));
+            _mm256_cvtph_ps(v)
+        }
     }
 
     /// [`halves`] times the activation scales `xd[b..b+8]` (zero past the last block).
-    #[target_feature(enable = "avx2,f16c,avx512f,avx512vl")]
-    unsafe fn scales(
+    #[inline(always)]
+    unsafe fn scales<L: Lanes>(
         w: *const u8,
         block_bytes: usize,
         at: usize,
@@ -206,7 +210,7 @@ mod x86 {
         let n = (blocks - b).min(8);
         // SAFETY: as `halves`; `xd` holds `blocks` scales, lanes past n are not read.
         unsafe {
-            let act = _mm256_maskz_loadu_ps(((1u32 << n) - 1) as u8, xd.add(b));
+            let act = L::first(n, xd.add(b));
             _mm256_mul_ps(halves(w, block_bytes, at, b, blocks), act)
         }
     }
@@ -221,22 +225,63 @@ mod x86 {
         (lo[0] + lo[2]) + (lo[1] + lo[3])
     }
 
-    /// Signed weights × signed activations per lane of four, exactly: `|w|` (unsigned, 128
-    /// for −128) times the activations with `w`'s sign (never −128: Q8 activations are
-    /// within ±127).
-    #[target_feature(enable = "avx2,avx512vl,avx512vnni")]
-    fn signed_lanes(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(
-            _mm256_setzero_si256(),
-            _mm256_sign_epi8(w, w),
-            _mm256_sign_epi8(x, w),
-        )
+    /// What the 256-bit row kernels need beyond AVX2, FMA and F16C; inlined into kernels
+    /// compiled with the variant's target features.
+    trait Lanes {
+        /// Signed weights × signed activations summed per lane of four, exactly: `|w|`
+        /// (unsigned, 128 for −128) times the activations with `w`'s sign (never −128: Q8
+        /// activations are within ±127).
+        unsafe fn signed(w: __m256i, x: __m256i) -> __m256i;
+        /// Unsigned 4-bit codes × signed activations summed per lane of four.
+        unsafe fn unsigned(q: __m256i, x: __m256i) -> __m256i;
+        /// The first `n` (at most 8) floats at `p`, zero in the other lanes.
+        unsafe fn first(n: usize, p: *const f32) -> __m256;
+    }
+
+    /// AVX-512 VL and VNNI: one `vpdpbusd`; a masked load.
+    struct Vnni;
+
+    impl Lanes for Vnni {
+        #[inline(always)]
+        unsafe fn signed(w: __m256i, x: __m256i) -> __m256i {
+            unsafe { Vnni::unsigned(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)) }
+        }
+        #[inline(always)]
+        unsafe fn unsigned(q: __m256i, x: __m256i) -> __m256i {
+            unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x) }
+        }
+        #[inline(always)]
+        unsafe fn first(n: usize, p: *const f32) -> __m256 {
+            unsafe { _mm256_maskz_loadu_ps(((1u32 << n) - 1) as u8, p) }
+        }
+    }
+
+    /// AVX2: `vpmaddubsw` (pairs within ±32512: no saturation) then `vpmaddwd` by ones, the
+    /// same sums of four; a masked load by lane index.
+    struct Avx2;
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        unsafe fn signed(w: __m256i, x: __m256i) -> __m256i {
+            unsafe { Avx2::unsigned(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)) }
+        }
+        #[inline(always)]
+        unsafe fn unsigned(q: __m256i, x: __m256i) -> __m256i {
+            unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)) }
+        }
+        #[inline(always)]
+        unsafe fn first(n: usize, p: *const f32) -> __m256 {
+            unsafe {
+                let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes))
+            }
+        }
     }
 
     /// `R` rows at once (independent chains: each row's sum is one serial chain of fused
     /// multiply-adds, as in ggml); encoding `E`: 0 Q8_0, 1 Q4_0, 2 Q4_1.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-    unsafe fn rows_x<const E: u8, const R: usize>(
+    #[inline(always)]
+    unsafe fn rows_x<L: Lanes, const E: u8, const R: usize>(
         w: *const u8,
         row_bytes: usize,
         blocks: usize,
@@ -258,9 +303,9 @@ mod x86 {
             for b in 0..blocks {
                 if b % 8 == 0 {
                     for r in 0..R {
-                        ds[r] = scales(w.add(r * row_bytes), bb, 0, b, blocks, xd);
+                        ds[r] = scales::<L>(w.add(r * row_bytes), bb, 0, b, blocks, xd);
                         if E == 2 {
-                            ms[r] = scales(w.add(r * row_bytes), bb, 2, b, blocks, xs);
+                            ms[r] = scales::<L>(w.add(r * row_bytes), bb, 2, b, blocks, xs);
                         }
                     }
                 }
@@ -271,11 +316,11 @@ mod x86 {
                     // Rows stream from memory once per token: prefetch well ahead.
                     _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(8192) as *const i8);
                     let lanes = match E {
-                        0 => signed_lanes(_mm256_loadu_si256(wb.add(2) as *const __m256i), x),
+                        0 => L::signed(_mm256_loadu_si256(wb.add(2) as *const __m256i), x),
                         1 => {
                             let packed = _mm_loadu_si128(wb.add(2) as *const __m128i);
                             let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
-                            signed_lanes(_mm256_sub_epi8(_mm256_and_si256(both, low), eight), x)
+                            L::signed(_mm256_sub_epi8(_mm256_and_si256(both, low), eight), x)
                         }
                         _ => {
                             summs[r] =
@@ -285,7 +330,7 @@ mod x86 {
                                 _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
                                 low,
                             );
-                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)
+                            L::unsigned(q, x)
                         }
                     };
                     acc[r] = _mm256_fmadd_ps(
@@ -372,13 +417,13 @@ mod x86 {
                         let first = w.add(2 * p * row_bytes);
                         let second = first.add(row_bytes);
                         ds[p] = pair(
-                            scales(first, bb, 0, b, blocks, xd),
-                            scales(second, bb, 0, b, blocks, xd),
+                            scales::<Vnni>(first, bb, 0, b, blocks, xd),
+                            scales::<Vnni>(second, bb, 0, b, blocks, xd),
                         );
                         if E == 2 {
                             ms[p] = [
-                                scales(first, bb, 2, b, blocks, xs),
-                                scales(second, bb, 2, b, blocks, xs),
+                                scales::<Vnni>(first, bb, 2, b, blocks, xs),
+                                scales::<Vnni>(second, bb, 2, b, blocks, xs),
                             ];
                         }
                     }
@@ -562,7 +607,15 @@ mod x86 {
                     for u in 0..n {
                         let (xq, xd, xs) = (xq.add(u * k), xd.add(u * blocks), xs.add(u * blocks));
                         let o = o.add(u * out_stride + r);
-                        rows_x::<E, 1>(w.add(r * row_bytes), row_bytes, blocks, xq, xd, xs, o);
+                        rows_x::<Vnni, E, 1>(
+                            w.add(r * row_bytes),
+                            row_bytes,
+                            blocks,
+                            xq,
+                            xd,
+                            xs,
+                            o,
+                        );
                     }
                 }
                 t += n;
@@ -601,7 +654,34 @@ mod x86 {
             }
             if r < rows {
                 let (w, out) = (w.add(r * row_bytes), out.add(r));
-                rows_x::<E, 1>(w, row_bytes, blocks, xq, xd, xs, out);
+                rows_x::<Vnni, E, 1>(w, row_bytes, blocks, xq, xd, xs, out);
+            }
+        }
+    }
+
+    /// Four rows at a time, then one at a time, through [`rows_x`] with lanes `L`.
+    #[inline(always)]
+    unsafe fn rows_by_four<L: Lanes, const E: u8>(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        let mut r = 0;
+        unsafe {
+            while r + 4 <= rows {
+                let wr = w.add(r * row_bytes);
+                rows_x::<L, E, 4>(wr, row_bytes, blocks, xq, xd, xs, out.add(r));
+                r += 4;
+            }
+            while r < rows {
+                let wr = w.add(r * row_bytes);
+                rows_x::<L, E, 1>(wr, row_bytes, blocks, xq, xd, xs, out.add(r));
+                r += 1;
             }
         }
     }
@@ -622,33 +702,25 @@ mod x86 {
         xs: *const f32,
         out: *mut f32,
     ) {
-        let mut r = 0;
-        unsafe {
-            while r + 4 <= rows {
-                rows_x::<E, 4>(
-                    w.add(r * row_bytes),
-                    row_bytes,
-                    blocks,
-                    xq,
-                    xd,
-                    xs,
-                    out.add(r),
-                );
-                r += 4;
-            }
-            while r < rows {
-                rows_x::<E, 1>(
-                    w.add(r * row_bytes),
-                    row_bytes,
-                    blocks,
-                    xq,
-                    xd,
-                    xs,
-                    out.add(r),
-                );
-                r += 1;
-            }
-        }
+        unsafe { rows_by_four::<Vnni, E>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
+    }
+
+    /// [`rows_vnni`] with AVX2 alone: the same sums of four by `vpmaddubsw` and `vpmaddwd`.
+    ///
+    /// # Safety
+    /// See [`BlockDotFn`](super::BlockDotFn); the CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_avx2<const E: u8>(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        blocks: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        out: *mut f32,
+    ) {
+        unsafe { rows_by_four::<Avx2, E>(w, row_bytes, rows, blocks, xq, xd, xs, out) }
     }
 }
 
@@ -715,6 +787,18 @@ pub fn variants(enc: Encoding) -> Vec<(&'static str, BlockDotFn)> {
             Encoding::Q8_0 => out.push(("avx512-vnni", x86::rows_vnni::<0>)),
             Encoding::Q4_0 => out.push(("avx512-vnni", x86::rows_vnni::<1>)),
             Encoding::Q4_1 => out.push(("avx512-vnni", x86::rows_vnni::<2>)),
+            _ => {}
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        match enc {
+            Encoding::Q8_0 => out.push(("avx2", x86::rows_avx2::<0>)),
+            Encoding::Q4_0 => out.push(("avx2", x86::rows_avx2::<1>)),
+            Encoding::Q4_1 => out.push(("avx2", x86::rows_avx2::<2>)),
             _ => {}
         }
     }
@@ -792,7 +876,8 @@ mod tests {
             if std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512vnni")
             {
-                assert_eq!(all.len(), 3, "{enc}");
+                // zmm, 256-bit VNNI, AVX2, scalar.
+                assert_eq!(all.len(), 4, "{enc}");
             }
             for (name, f) in all {
                 let row_bytes = k / 32 * enc.block_bytes();
