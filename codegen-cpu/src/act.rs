@@ -75,14 +75,87 @@ pub unsafe fn quant_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (s, total)
 }
 
+/// [`quant_avx512`] with AVX2, eight lanes at a time: the same max, product, rounding and
+/// saturation.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub unsafe fn quant_avx2(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    let n = x.len().min(q.len());
+    let body = n & !7;
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut vmax = _mm256_setzero_ps();
+    let mut unordered = 0;
+    unsafe {
+        for i in (0..body).step_by(8) {
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            unordered |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs));
+        }
+    }
+    let mut lanes = [0.0f32; 8];
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
+    let mut max = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
+    for &v in &x[body..n] {
+        if v.is_nan() {
+            unordered = 1;
+        }
+        max = max.max(v.abs());
+    }
+    if unordered != 0 || !max.is_finite() {
+        // SAFETY: the scalar variant has no requirements.
+        return unsafe { quant_scalar(x, q) };
+    }
+    let s = (127.0 / (max as f64).max(1e-5)) as f32;
+    let sv = _mm256_set1_ps(s);
+    let (lo, hi) = (_mm256_set1_epi32(-128), _mm256_set1_epi32(127));
+    let mut sum = _mm256_setzero_si256();
+    let mut codes = [0i32; 8];
+    unsafe {
+        for i in (0..body).step_by(8) {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), sv);
+            let r = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi);
+            sum = _mm256_add_epi32(sum, r);
+            _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, r);
+            for (d, &c) in q[i..i + 8].iter_mut().zip(&codes) {
+                *d = c as i8;
+            }
+        }
+    }
+    let mut sums = [0i32; 8];
+    unsafe { _mm256_storeu_si256(sums.as_mut_ptr() as *mut __m256i, sum) };
+    let mut total: i32 = sums.iter().sum();
+    for i in body..n {
+        let v = numerics::nearest_int(x[i] * s).clamp(-128, 127);
+        q[i] = v as i8;
+        total += v;
+    }
+    (s, total)
+}
+
+/// Every variant this host runs, slowest first.
+pub fn quant_variants() -> Vec<(&'static str, QuantFn)> {
+    #[allow(unused_mut)]
+    let mut all: Vec<(&'static str, QuantFn)> = vec![("scalar", quant_scalar)];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            all.push(("avx2", quant_avx2));
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            all.push(("avx512", quant_avx512));
+        }
+    }
+    all
+}
+
 /// The fastest exact variant for this host; `portable` forces the scalar one.
 pub fn select_quant(portable: bool) -> (&'static str, QuantFn) {
-    #[cfg(target_arch = "x86_64")]
-    if !portable && std::is_x86_feature_detected!("avx512f") {
-        return ("avx512", quant_avx512);
-    }
-    let _ = portable;
-    ("scalar", quant_scalar)
+    let all = quant_variants();
+    if portable { all[0] } else { all[all.len() - 1] }
 }
 
 #[cfg(test)]
@@ -135,8 +208,7 @@ mod tests {
                 .map(|i| if i == 5 { f32::INFINITY } else { i as f32 })
                 .collect(),
         );
-        for portable in [true, false] {
-            let (name, f) = select_quant(portable);
+        for (name, f) in quant_variants() {
             for x in &rows {
                 let mut want = vec![0i8; x.len()];
                 let s = numerics::quant_act_i8(x, &mut want);
