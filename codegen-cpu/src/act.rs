@@ -19,6 +19,29 @@ pub unsafe fn quant_scalar(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (s, q.iter().map(|&v| v as i32).sum())
 }
 
+/// The multiplier from the vector part's max `max` and the elements past it (`tail`), or
+/// `None` where a NaN or an infinity sends the row to the scalar path.
+#[cfg(target_arch = "x86_64")]
+fn multiplier(max: f32, unordered: bool, tail: &[f32]) -> Option<f32> {
+    let max = tail.iter().fold(max, |m, &v| m.max(v.abs()));
+    if unordered || tail.iter().any(|v| v.is_nan()) || !max.is_finite() {
+        return None;
+    }
+    Some((127.0 / (max as f64).max(1e-5)) as f32)
+}
+
+/// The elements from `from` on, one at a time, as the reference; returns their codes' sum.
+#[cfg(target_arch = "x86_64")]
+fn quant_tail(x: &[f32], q: &mut [i8], from: usize, s: f32) -> i32 {
+    let mut total = 0;
+    for (q, &x) in q[from..].iter_mut().zip(&x[from..]) {
+        let v = numerics::nearest_int(x * s).clamp(-128, 127);
+        *q = v as i8;
+        total += v;
+    }
+    total
+}
+
 /// AVX-512: the same max (an f32 max is exact), the same f64 division, then per element the
 /// same f32 product, round-half-even conversion (MXCSR's default) and saturation to int8.
 /// Rows holding a NaN or an infinity take the scalar path, whose NaN handling differs.
@@ -40,18 +63,11 @@ pub unsafe fn quant_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
             vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
         }
     }
-    let mut max = _mm512_reduce_max_ps(vmax);
-    for &v in &x[body..n] {
-        if v.is_nan() {
-            unordered = 1;
-        }
-        max = max.max(v.abs());
-    }
-    if unordered != 0 || !max.is_finite() {
+    let max = _mm512_reduce_max_ps(vmax);
+    let Some(s) = multiplier(max, unordered != 0, &x[body..n]) else {
         // SAFETY: the scalar variant has no requirements.
         return unsafe { quant_scalar(x, q) };
-    }
-    let s = (127.0 / (max as f64).max(1e-5)) as f32;
+    };
     let sv = _mm512_set1_ps(s);
     let (lo, hi) = (_mm512_set1_epi32(-128), _mm512_set1_epi32(127));
     let mut sum = _mm512_setzero_si512();
@@ -66,13 +82,10 @@ pub unsafe fn quant_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
             );
         }
     }
-    let mut total = _mm512_reduce_add_epi32(sum);
-    for i in body..n {
-        let v = numerics::nearest_int(x[i] * s).clamp(-128, 127);
-        q[i] = v as i8;
-        total += v;
-    }
-    (s, total)
+    (
+        s,
+        _mm512_reduce_add_epi32(sum) + quant_tail(&x[..n], &mut q[..n], body, s),
+    )
 }
 
 /// [`quant_avx512`] with AVX2, eight lanes at a time: the same max, product, rounding and
@@ -98,18 +111,11 @@ pub unsafe fn quant_avx2(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     }
     let mut lanes = [0.0f32; 8];
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
-    let mut max = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
-    for &v in &x[body..n] {
-        if v.is_nan() {
-            unordered = 1;
-        }
-        max = max.max(v.abs());
-    }
-    if unordered != 0 || !max.is_finite() {
+    let max = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
+    let Some(s) = multiplier(max, unordered != 0, &x[body..n]) else {
         // SAFETY: the scalar variant has no requirements.
         return unsafe { quant_scalar(x, q) };
-    }
-    let s = (127.0 / (max as f64).max(1e-5)) as f32;
+    };
     let sv = _mm256_set1_ps(s);
     let (lo, hi) = (_mm256_set1_epi32(-128), _mm256_set1_epi32(127));
     let mut sum = _mm256_setzero_si256();
@@ -127,13 +133,10 @@ pub unsafe fn quant_avx2(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     }
     let mut sums = [0i32; 8];
     unsafe { _mm256_storeu_si256(sums.as_mut_ptr() as *mut __m256i, sum) };
-    let mut total: i32 = sums.iter().sum();
-    for i in body..n {
-        let v = numerics::nearest_int(x[i] * s).clamp(-128, 127);
-        q[i] = v as i8;
-        total += v;
-    }
-    (s, total)
+    (
+        s,
+        sums.iter().sum::<i32>() + quant_tail(&x[..n], &mut q[..n], body, s),
+    )
 }
 
 /// Every variant this host runs, slowest first.

@@ -231,7 +231,10 @@ mod x86 {
         /// Signed weights × signed activations summed per lane of four, exactly: `|w|`
         /// (unsigned, 128 for −128) times the activations with `w`'s sign (never −128: Q8
         /// activations are within ±127).
-        unsafe fn signed(w: __m256i, x: __m256i) -> __m256i;
+        #[inline(always)]
+        unsafe fn signed(w: __m256i, x: __m256i) -> __m256i {
+            unsafe { Self::unsigned(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)) }
+        }
         /// Unsigned 4-bit codes × signed activations summed per lane of four.
         unsafe fn unsigned(q: __m256i, x: __m256i) -> __m256i;
         /// The first `n` (at most 8) floats at `p`, zero in the other lanes.
@@ -242,10 +245,6 @@ mod x86 {
     struct Vnni;
 
     impl Lanes for Vnni {
-        #[inline(always)]
-        unsafe fn signed(w: __m256i, x: __m256i) -> __m256i {
-            unsafe { Vnni::unsigned(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)) }
-        }
         #[inline(always)]
         unsafe fn unsigned(q: __m256i, x: __m256i) -> __m256i {
             unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x) }
@@ -261,10 +260,6 @@ mod x86 {
     struct Avx2;
 
     impl Lanes for Avx2 {
-        #[inline(always)]
-        unsafe fn signed(w: __m256i, x: __m256i) -> __m256i {
-            unsafe { Avx2::unsigned(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)) }
-        }
         #[inline(always)]
         unsafe fn unsigned(q: __m256i, x: __m256i) -> __m256i {
             unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)) }
