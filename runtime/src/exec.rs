@@ -749,23 +749,40 @@ impl Executor {
     /// token's heads, for as many tokens as fit in [`ATTENTION_SCORES`] (up to the batch), and
     /// their rounded queries. Empty where no layer runs that way.
     fn attention_scratch(&self, capacity: usize) -> (Vec<f32>, Vec<f32>) {
-        let phased = self.half.chains.is_some() && self.kv.iter().any(|l| l.f16 && l.d % 16 == 0);
         let heads = self
-            .kernels
-            .iter()
-            .filter_map(|k| match k {
-                Kernel::Attention { h, .. } => Some(*h),
-                _ => None,
-            })
+            .attentions()
+            .filter(|&(layer, _, kq, kqv)| self.phased(layer, kq, kqv))
+            .map(|(_, h, _, _)| h)
             .max()
             .unwrap_or(0);
-        if !phased || heads == 0 {
+        if heads == 0 {
             return (Vec::new(), Vec::new());
         }
         let row = capacity.next_multiple_of(32);
         let rows = (ATTENTION_SCORES / row).clamp(heads, self.batch * heads);
         let d = self.kv.iter().map(|l| l.d).max().unwrap_or(0);
         (vec![0.0; rows * row], vec![0.0; rows * d])
+    }
+
+    /// Each attention step's layer, query heads and dot paths.
+    fn attentions(&self) -> impl Iterator<Item = (usize, usize, HalfPath, HalfPath)> + '_ {
+        self.kernels.iter().filter_map(|k| match k {
+            Kernel::Attention {
+                layer, h, kq, kqv, ..
+            } => Some((*layer, *h, *kq, *kqv)),
+            _ => None,
+        })
+    }
+
+    /// Whether attention on `layer` along these paths runs [`Executor::attention_phased`]:
+    /// an f16 cache, dimensions in sixteens, f16 dot paths, and the host's chains kernel.
+    fn phased(&self, layer: usize, kq: HalfPath, kqv: HalfPath) -> bool {
+        let l = self.kv[layer];
+        self.half.chains.is_some()
+            && l.f16
+            && l.d.is_multiple_of(16)
+            && kq != HalfPath::F32
+            && kqv != HalfPath::F32
     }
 
     pub fn state(&self, capacity: usize) -> State {
@@ -820,13 +837,16 @@ impl Executor {
             pos: Vec::with_capacity(t),
             cache: SeqCache {
                 kv,
+                // Only for the f16 layers the phased attention does not take.
                 v32: vec![
                     0.0;
                     capacity
                         * self
-                            .kv
-                            .iter()
-                            .map(|l| if l.f16 { l.g * l.d } else { 0 })
+                            .attentions()
+                            .filter(|&(layer, _, kq, kqv)| {
+                                self.kv[layer].f16 && !self.phased(layer, kq, kqv)
+                            })
+                            .map(|(layer, ..)| self.kv[layer].g * self.kv[layer].d)
                             .max()
                             .unwrap_or(0)
                 ],
@@ -1668,22 +1688,13 @@ impl Executor {
         let (g, d) = (l.g, l.d);
         let group = h / g;
         let path_t = if seqs.single_paths { 1 } else { t };
+        let (kq_half, kqv_half) = (kq, kqv);
         let (kq, kqv) = if l.f16 {
             (kq.path(path_t), kqv.path(path_t))
         } else {
             (DotPath::F32, DotPath::F32)
         };
-        if let (
-            true,
-            DotPath::Gemv | DotPath::Gemm { .. },
-            DotPath::Gemv | DotPath::Gemm { .. },
-            Some(chains),
-        ) = (
-            l.f16 && d % 16 == 0 && !st.attn_scores.is_empty(),
-            kq,
-            kqv,
-            self.half.chains,
-        ) {
+        if let (true, Some(chains)) = (self.phased(layer, kq_half, kqv_half), self.half.chains) {
             let shape = (layer, t, h, scale);
             return self.attention_phased(st, caches, seqs, q, o, shape, (kq, kqv), chains);
         }
