@@ -61,6 +61,19 @@ pub struct Chains {
 /// of 16; the CPU must have the features of the variant.
 pub type HalfChainsFn = unsafe fn(&Chains);
 
+/// ggml's GEMV ending: the chains' sum `chains`, then the elements `from..k` past the last 64
+/// added in f64.
+///
+/// # Safety
+/// `x` and `w` must hold `k` elements.
+unsafe fn gemv_tail(chains: f32, x: *const f32, w: *const u16, from: usize, k: usize) -> f32 {
+    let mut sum = chains as f64;
+    for e in from..k {
+        unsafe { sum += (*x.add(e) * f16::from_bits(*w.add(e)).to_f32()) as f64 };
+    }
+    sum as f32
+}
+
 /// ggml's `ggml_vec_dot_f16` order, portable.
 ///
 /// # Safety
@@ -86,11 +99,7 @@ pub unsafe fn vec_f16_scalar(x: *const f32, w: *const u16, k: usize) -> f32 {
     for (l, r) in r.iter_mut().enumerate() {
         *r = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
     }
-    let mut sum = reduce16(r) as f64;
-    for e in np..k {
-        sum += (x[e] * f16::from_bits(w[e]).to_f32()) as f64;
-    }
-    sum as f32
+    unsafe { gemv_tail(reduce16(r), x.as_ptr(), w.as_ptr(), np, k) }
 }
 
 /// llamafile's tinyBLAS order (16 lanes, FMAs in order), portable. `k` must be a multiple of 16.
@@ -139,11 +148,7 @@ pub unsafe fn vec_f16_avx512(x: *const f32, w: *const u16, k: usize) -> f32 {
         let r = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
         let mut lanes = [0.0f32; 16];
         _mm512_storeu_ps(lanes.as_mut_ptr(), r);
-        let mut sum = reduce16(lanes) as f64;
-        for e in np..k {
-            sum += (*x.add(e) * f16::from_bits(*w.add(e)).to_f32()) as f64;
-        }
-        sum as f32
+        gemv_tail(reduce16(lanes), x, w, np, k)
     }
 }
 
@@ -201,11 +206,7 @@ pub unsafe fn vec_f16_avx2(x: *const f32, w: *const u16, k: usize) -> f32 {
             let r = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
             _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * half), r);
         }
-        let mut sum = reduce16(lanes) as f64;
-        for e in np..k {
-            sum += (*x.add(e) * f16::from_bits(*w.add(e)).to_f32()) as f64;
-        }
-        sum as f32
+        gemv_tail(reduce16(lanes), x, w, np, k)
     }
 }
 
@@ -403,12 +404,8 @@ pub unsafe fn vec_f16_avx512_x16(a: &Rows16) {
                 let mut lanes = [0.0f32; 16];
                 _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
                 for (row, &lane) in lanes.iter().enumerate() {
-                    let mut sum = lane as f64;
-                    for e in np..a.k {
-                        let wv = f16::from_bits(*a.w.add(row * a.stride + e)).to_f32();
-                        sum += (*x.add(h * a.k + e) * wv) as f64;
-                    }
-                    *out.add(row) = sum as f32;
+                    let w = a.w.add(row * a.stride);
+                    *out.add(row) = gemv_tail(lane, x.add(h * a.k), w, np, a.k);
                 }
             }
         }

@@ -744,7 +744,6 @@ impl Executor {
         self.half.variant
     }
 
-    /// Fresh state for a sequence of up to `capacity` positions.
     /// The phased attention's scratch for a context of `capacity`: scores for at least one
     /// token's heads, for as many tokens as fit in [`ATTENTION_SCORES`] (up to the batch), and
     /// their rounded queries. Empty where no layer runs that way.
@@ -785,6 +784,7 @@ impl Executor {
             && kqv != HalfPath::F32
     }
 
+    /// Fresh state for a sequence of up to `capacity` positions.
     pub fn state(&self, capacity: usize) -> State {
         let t = self.batch;
         let kv = self
@@ -1840,12 +1840,6 @@ impl Executor {
             _ => (half.gemv, half.gemv16),
         };
         let round_q = !matches!(kq, DotPath::Gemm { round: false });
-        // The value path's chains and rounding (`weighted_values`; padded lengths are
-        // multiples of 32).
-        let (n_chains, round_x) = match kqv {
-            DotPath::Gemm { round } => (16, round),
-            _ => (64, true),
-        };
         let stride = st.capacity.next_multiple_of(32);
         let tc = (st.attn_scores.len() / (h * stride)).clamp(1, t);
         let (scores, qh) = (
@@ -1940,7 +1934,7 @@ impl Executor {
                     };
                     host::softmax(&mut row[..vis]);
                     row[vis..].fill(0.0);
-                    if round_x {
+                    if value_chains(kqv, row.len()).1 {
                         host::round_f16(&mut row[..vis]);
                     }
                 }
@@ -1954,7 +1948,7 @@ impl Executor {
                     let dims = (d - dim0).min(32);
                     let vis = visible(tok);
                     let padded = vis.next_multiple_of(32);
-                    let limit = if n_chains == 16 { padded } else { padded & !63 };
+                    let (n_chains, _, limit) = value_chains(kqv, padded);
                     let values = unsafe { cache(tok).1.add(kvh * cap * d + dim0) };
                     let i0 = (tok - c0) * h + kvh * group;
                     let x = unsafe { scores.get().add(i0 * stride) };
@@ -2013,6 +2007,16 @@ impl Executor {
     }
 }
 
+/// How the weighted values along `path` sum scores padded to `padded` positions: the number
+/// of chains (16 for tinyBLAS, 64 for ggml's GEMV), whether the scores are rounded to f16
+/// first, and the positions the chains take (the GEMV adds the ones past them in f64).
+fn value_chains(path: DotPath, padded: usize) -> (usize, bool, usize) {
+    match path {
+        DotPath::Gemm { round } if padded.is_multiple_of(16) => (16, round, padded),
+        _ => (64, true, padded & !63),
+    }
+}
+
 /// `out[dim] = Σ_j x_j · v[j][dim]` over the padded scores with the summation order of the
 /// interpreter's `half_dot` along `path` (chains of 64 or 16 lanes, or f64), vectorized across
 /// `dim`: every chain is the same sequence of fused multiply-adds as the scalar reference.
@@ -2044,10 +2048,7 @@ fn weighted_values(
             }
         }
         DotPath::Gemv | DotPath::Gemm { .. } => {
-            let (chains, round, limit) = match path {
-                DotPath::Gemm { round } if padded.is_multiple_of(16) => (16, round, padded),
-                _ => (64, true, padded & !63),
-            };
+            let (chains, round, limit) = value_chains(path, padded);
             // Chains only exist past the first 64 (GEMV) or 16 positions; below that the GEMV
             // sums everything in f64 and the chain part is exactly zero.
             let used = chains.min(limit);
