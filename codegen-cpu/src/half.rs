@@ -455,14 +455,10 @@ pub unsafe fn tinyblas16_avx512_x16(a: &Rows16) {
     unsafe { by_four_heads!(heads, a) }
 }
 
-/// Rows of values a [`chains_avx512`] pass takes before the next head: the window's f16 values
-/// (16 KiB of 64-byte lines for a slice) stay in L1 for every head sharing them.
-const CHAIN_WINDOW: usize = 256;
-
-/// [`HalfChainsFn`] with AVX-512: sixteen dimensions at a time, each chain a register, over
-/// windows of [`CHAIN_WINDOW`] rows that every head (up to four at once) runs through before
-/// the next window; 64 chains run as four passes of sixteen per window, rows in order within
-/// each chain.
+/// [`HalfChainsFn`] with AVX-512, with no state outside the registers: a pass takes `C`
+/// chains of `H` heads for `16·D` dimensions (up to sixteen accumulators) over all their rows,
+/// each row's values converted once for every head and each score broadcast once for every
+/// dimension; the passes of one slice of dimensions then combine their chains.
 ///
 /// # Safety
 /// See [`HalfChainsFn`]; the CPU must have AVX-512F.
@@ -470,84 +466,71 @@ const CHAIN_WINDOW: usize = 256;
 #[target_feature(enable = "avx512f")]
 pub unsafe fn chains_avx512(a: &Chains) {
     use std::arch::x86_64::*;
-    /// Chains `c[i]` += `x[j]·v(j)` for `j = first + i`, `first + step + i`, … below `end`,
-    /// `v(j)` the sixteen values of row `j`.
-    #[inline(always)]
-    unsafe fn run(
-        c: &mut [__m512; 16],
-        x: *const f32,
-        (first, end, step): (usize, usize, usize),
-        v: impl Fn(usize) -> __m512,
+    /// Rows the passes prefetch ahead of the one in use (in groups of `chains` rows).
+    const AHEAD: usize = 16;
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pass<const H: usize, const D: usize, const C: usize>(
+        a: &Chains,
+        h0: usize,
+        dim: usize,
+        q: usize,
+        done: &mut [[[__m512; 64]; 2]; 4],
     ) {
         unsafe {
-            let mut j0 = first;
-            while j0 + 16 <= end {
-                for (i, c) in c.iter_mut().enumerate() {
-                    *c = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(j0 + i)), v(j0 + i), *c);
+            let mut acc = [[[_mm512_setzero_ps(); C]; D]; H];
+            let v = a.v.add(dim);
+            let x = a.x.add(h0 * a.x_stride);
+            let mut j0 = q;
+            while j0 < a.n {
+                for c in 0..C {
+                    let ahead = v.wrapping_add((j0 + AHEAD * a.chains + c) * a.stride);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                 }
-                j0 += step;
+                let lanes = (a.n - j0).min(C);
+                for c in 0..C {
+                    if C > 1 && c >= lanes {
+                        break;
+                    }
+                    let j = j0 + c;
+                    let row = v.add(j * a.stride);
+                    let vals: [__m512; D] = std::array::from_fn(|k| {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * k) as *const __m256i))
+                    });
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        let s = _mm512_set1_ps(*x.add(h * a.x_stride + j));
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            acc[c] = _mm512_fmadd_ps(s, vals[k], acc[c]);
+                        }
+                    }
+                }
+                j0 += a.chains;
             }
-            for (i, c) in c.iter_mut().enumerate().take(end.saturating_sub(j0)) {
-                *c = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(j0 + i)), v(j0 + i), *c);
+            for (h, acc) in acc.iter().enumerate() {
+                for (k, acc) in acc.iter().enumerate() {
+                    done[h][k][q..q + C].copy_from_slice(acc);
+                }
             }
         }
     }
     #[target_feature(enable = "avx512f")]
-    unsafe fn heads<const H: usize>(a: &Chains, h0: usize) {
+    unsafe fn slice<const H: usize, const D: usize, const C: usize>(
+        a: &Chains,
+        h0: usize,
+        dim: usize,
+    ) {
         unsafe {
-            let parts = a.chains / 16;
-            // Several heads read the window's values converted once, from L1.
-            // Written before it is read (rows below the window's end), so left uninitialized.
-            let mut window = [const { std::mem::MaybeUninit::<__m512>::uninit() }; CHAIN_WINDOW];
-            for dim in (0..a.d).step_by(16) {
-                let v = a.v.add(dim);
-                let row = |j: usize| {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(v.add(j * a.stride) as *const __m256i))
-                };
-                // Each head's chains between windows (only the parts in use are touched).
-                let mut state = [[const { std::mem::MaybeUninit::<__m512>::uninit() }; 64]; H];
-                for s in &mut state {
-                    for c in &mut s[..16 * parts] {
-                        c.write(_mm512_setzero_ps());
-                    }
-                }
-                for w0 in (0..a.n).step_by(CHAIN_WINDOW) {
-                    let end = (w0 + CHAIN_WINDOW).min(a.n);
-                    if H > 1 {
-                        for (j, w) in window.iter_mut().enumerate().take(end - w0) {
-                            let ahead = v.wrapping_add((w0 + j + CHAIN_WINDOW) * a.stride);
-                            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                            w.write(row(w0 + j));
-                        }
-                    }
-                    for (h, state) in state.iter_mut().enumerate() {
-                        let x = a.x.add((h0 + h) * a.x_stride);
-                        for m in 0..parts {
-                            // Loaded into registers, run, stored back.
-                            let part = state.as_mut_ptr().add(16 * m);
-                            let mut c: [__m512; 16] =
-                                std::array::from_fn(|i| (*part.add(i)).assume_init());
-                            let rows = (w0 + 16 * m, end, a.chains);
-                            if H > 1 {
-                                let w = window.as_ptr();
-                                run(&mut c, x, rows, |j| (*w.add(j - w0)).assume_init());
-                            } else {
-                                run(&mut c, x, rows, row);
-                            }
-                            for (i, c) in c.into_iter().enumerate() {
-                                (*part.add(i)).write(c);
-                            }
-                        }
-                    }
-                }
-                for (h, state) in state.iter().enumerate() {
-                    let p = |m: usize, l: usize| state[16 * m + l].assume_init();
-                    let mut c: [__m512; 16] = std::array::from_fn(|l| p(0, l));
-                    if parts == 4 {
+            let mut done = [[[_mm512_setzero_ps(); 64]; 2]; 4];
+            for q in (0..a.chains.min(a.n.next_multiple_of(C))).step_by(C) {
+                pass::<H, D, C>(a, h0, dim, q, &mut done);
+            }
+            for (h, done) in done.iter().enumerate().take(H) {
+                for (k, done) in done.iter().enumerate().take(D) {
+                    let mut c: [__m512; 16] = std::array::from_fn(|l| done[l]);
+                    if a.chains == 64 {
                         for (l, c) in c.iter_mut().enumerate() {
                             *c = _mm512_add_ps(
-                                _mm512_add_ps(p(0, l), p(2, l)),
-                                _mm512_add_ps(p(1, l), p(3, l)),
+                                _mm512_add_ps(done[l], done[32 + l]),
+                                _mm512_add_ps(done[16 + l], done[48 + l]),
                             );
                         }
                     }
@@ -558,7 +541,33 @@ pub unsafe fn chains_avx512(a: &Chains) {
                             c[i] = _mm512_add_ps(c[i], c[i + half]);
                         }
                     }
-                    _mm512_storeu_ps(a.out.add((h0 + h) * a.out_stride + dim), c[0]);
+                    let out = a.out.add((h0 + h) * a.out_stride + dim + 16 * k);
+                    _mm512_storeu_ps(out, c[0]);
+                }
+            }
+        }
+    }
+    #[target_feature(enable = "avx512f")]
+    unsafe fn heads<const H: usize>(a: &Chains, h0: usize) {
+        unsafe {
+            let mut dim = 0;
+            while dim < a.d {
+                if a.d - dim >= 32 {
+                    match H {
+                        1 => slice::<1, 2, 8>(a, h0, dim),
+                        2 => slice::<2, 2, 4>(a, h0, dim),
+                        3 => slice::<3, 2, 2>(a, h0, dim),
+                        _ => slice::<4, 2, 2>(a, h0, dim),
+                    }
+                    dim += 32;
+                } else {
+                    match H {
+                        1 => slice::<1, 1, 16>(a, h0, dim),
+                        2 => slice::<2, 1, 8>(a, h0, dim),
+                        3 => slice::<3, 1, 4>(a, h0, dim),
+                        _ => slice::<4, 1, 4>(a, h0, dim),
+                    }
+                    dim += 16;
                 }
             }
         }
@@ -756,7 +765,8 @@ mod tests {
         let Some(chains_fn) = HalfDots::select(false).chains else {
             return;
         };
-        // Windows of 256 rows: lengths inside one, across one boundary, across several.
+        // Lengths below one group of chains, ending inside one, over many; every head count
+        // a pass takes, and slices of 32 and 16 dimensions.
         for (d, n, heads) in [
             (16, 1, 1),
             (64, 17, 2),
