@@ -675,6 +675,13 @@ impl CudaExecutor {
         ]);
     }
 
+    /// Sets the trace's counts back to zero (work before a measurement).
+    pub fn reset_trace(&mut self) {
+        for sizes in self.trace.iter_mut().flatten() {
+            *sizes = Default::default();
+        }
+    }
+
     /// Per kernel and step size (`name [1]` for one-token steps, `name [T]` for larger
     /// ones): calls and total time, the slowest first (empty unless tracing).
     pub fn trace(&self) -> Vec<(String, u64, std::time::Duration)> {

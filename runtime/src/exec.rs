@@ -856,6 +856,14 @@ impl Executor {
         }
     }
 
+    /// Sets the kernel trace's counts back to zero (work before a measurement).
+    pub fn reset_trace(&self) {
+        for c in &self.counters {
+            c.calls.store(0, Ordering::Relaxed);
+            c.nanos.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// The kernel trace: per kernel label and variant, calls and time (with `trace` on).
     pub fn trace(&self) -> Vec<TraceLine> {
         let mut lines: Vec<TraceLine> = Vec::new();

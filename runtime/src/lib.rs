@@ -168,6 +168,21 @@ impl Engine {
         Vec::new()
     }
 
+    /// Sets the kernel traces' counts (CPU and GPU) back to zero, so that they count only
+    /// what follows.
+    pub fn reset_trace(&self) {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            g.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .exec
+                .reset_trace();
+        }
+        if let Some(e) = self.executor() {
+            e.reset_trace();
+        }
+    }
+
     /// The GPU's name and architecture, when the engine runs on one.
     pub fn device(&self) -> Option<String> {
         #[cfg(feature = "cuda")]

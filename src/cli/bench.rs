@@ -220,6 +220,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 if depth > 0 {
                     let fill: Vec<u32> = (0..depth).map(|_| token()).collect();
                     session.eval_last(&fill)?;
+                    // The trace counts the tests, not the depth's tokens.
+                    model.engine.reset_trace();
                 }
                 for &(n_prompt, n_gen) in &tests {
                     let mut samples = Vec::new();

@@ -640,6 +640,28 @@ fn bench_writes_llama_bench_json_records() {
     assert!(o.status.success(), "{}", stderr(&o));
     let table = stdout(&o);
     assert!(table.starts_with("| model "), "{table}");
+    // The kernel trace counts the tests' steps (a warm-up and one run of two tokens), not the
+    // depth's tokens before them.
+    let o = bitnetc(&[
+        "bench",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "0",
+        "-n",
+        "2",
+        "-d",
+        "3",
+        "-r",
+        "1",
+        "--trace-kernels",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let embed = stderr(&o)
+        .lines()
+        .find(|l| l.starts_with("embed "))
+        .map(|l| l.split_whitespace().rev().nth(1).unwrap().to_string());
+    assert_eq!(embed.as_deref(), Some("4"), "{}", stderr(&o));
     // A model that does not load leaves its error and no table.
     let missing = tempfile::tempdir().unwrap().path().join("missing.gguf");
     let o = bitnetc(&[
