@@ -455,98 +455,189 @@ pub unsafe fn tinyblas16_avx512_x16(a: &Rows16) {
     unsafe { by_four_heads!(heads, a) }
 }
 
-/// [`HalfChainsFn`] with AVX-512, with no state outside the registers: a pass takes `C`
-/// chains of `H` heads for `16·D` dimensions (up to sixteen accumulators) over all their rows,
-/// each row's values converted once for every head and each score broadcast once for every
-/// dimension; the passes of one slice of dimensions then combine their chains.
+/// The register operations of the value chains, per register width; inlined into kernels
+/// compiled with the variant's target features.
+#[cfg(target_arch = "x86_64")]
+trait ChainLanes {
+    type V: Copy;
+    /// f32 lanes per register (dimensions per accumulator).
+    const LANES: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// `a·b + c`, rounded once.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn splat(x: f32) -> Self::V;
+    /// `LANES` f16 values at `p`, as f32.
+    unsafe fn load_f16(p: *const u16) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+}
+
+/// Sixteen lanes (AVX-512F).
+#[cfg(target_arch = "x86_64")]
+struct Zmm;
+
+#[cfg(target_arch = "x86_64")]
+impl ChainLanes for Zmm {
+    type V = std::arch::x86_64::__m512;
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        unsafe { std::arch::x86_64::_mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        unsafe { std::arch::x86_64::_mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        unsafe { std::arch::x86_64::_mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        unsafe { std::arch::x86_64::_mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self::V {
+        use std::arch::x86_64::*;
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(p, v) }
+    }
+}
+
+/// Eight lanes (AVX2, FMA, F16C).
+#[cfg(target_arch = "x86_64")]
+struct Ymm;
+
+#[cfg(target_arch = "x86_64")]
+impl ChainLanes for Ymm {
+    type V = std::arch::x86_64::__m256;
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        unsafe { std::arch::x86_64::_mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        unsafe { std::arch::x86_64::_mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        unsafe { std::arch::x86_64::_mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        unsafe { std::arch::x86_64::_mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self::V {
+        use std::arch::x86_64::*;
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(p, v) }
+    }
+}
+
+/// One pass of [`chains_slice`]: the chains `q..q + C` of `H` heads for `D` registers of
+/// dimensions from `dim`, over all their rows, every accumulator in a register; each row's
+/// values converted once for every head and each score broadcast once for every register.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn chains_pass<L: ChainLanes, const H: usize, const D: usize, const C: usize>(
+    a: &Chains,
+    (h0, dim, q): (usize, usize, usize),
+    done: &mut [[[L::V; 64]; 2]; 4],
+) {
+    use std::arch::x86_64::*;
+    /// Groups of `chains` rows the passes prefetch ahead of the one in use.
+    const AHEAD: usize = 8;
+    unsafe {
+        let mut acc = [[[L::zero(); C]; D]; H];
+        let v = a.v.add(dim);
+        let x = a.x.add(h0 * a.x_stride);
+        let mut j0 = q;
+        while j0 < a.n {
+            for c in 0..C {
+                let ahead = v.wrapping_add((j0 + AHEAD * a.chains + c) * a.stride);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            }
+            let lanes = (a.n - j0).min(C);
+            for c in 0..C {
+                if C > 1 && c >= lanes {
+                    break;
+                }
+                let j = j0 + c;
+                let row = v.add(j * a.stride);
+                let vals: [L::V; D] = std::array::from_fn(|k| L::load_f16(row.add(L::LANES * k)));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let s = L::splat(*x.add(h * a.x_stride + j));
+                    for (k, acc) in acc.iter_mut().enumerate() {
+                        acc[c] = L::fma(s, vals[k], acc[c]);
+                    }
+                }
+            }
+            j0 += a.chains;
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (k, acc) in acc.iter().enumerate() {
+                done[h][k][q..q + C].copy_from_slice(acc);
+            }
+        }
+    }
+}
+
+/// [`HalfChainsFn`] for `H` heads and `D` registers of dimensions from `dim`: the passes of
+/// `C` chains, then each head's chains combined (64: `(c[l] + c[32+l]) + (c[16+l] + c[48+l])`)
+/// and added by the halving tree.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn chains_slice<L: ChainLanes, const H: usize, const D: usize, const C: usize>(
+    a: &Chains,
+    h0: usize,
+    dim: usize,
+) {
+    unsafe {
+        let mut done = [[[L::zero(); 64]; 2]; 4];
+        for q in (0..a.chains.min(a.n.next_multiple_of(C))).step_by(C) {
+            chains_pass::<L, H, D, C>(a, (h0, dim, q), &mut done);
+        }
+        for (h, done) in done.iter().enumerate().take(H) {
+            for (k, done) in done.iter().enumerate().take(D) {
+                let mut c: [L::V; 16] = std::array::from_fn(|l| done[l]);
+                if a.chains == 64 {
+                    for (l, c) in c.iter_mut().enumerate() {
+                        *c = L::add(
+                            L::add(done[l], done[32 + l]),
+                            L::add(done[16 + l], done[48 + l]),
+                        );
+                    }
+                }
+                let mut half = 16;
+                while half > 1 {
+                    half /= 2;
+                    for i in 0..half {
+                        c[i] = L::add(c[i], c[i + half]);
+                    }
+                }
+                let out = a.out.add((h0 + h) * a.out_stride + dim + L::LANES * k);
+                L::store(out, c[0]);
+            }
+        }
+    }
+}
+
+/// [`HalfChainsFn`] with AVX-512: slices of 32 dimensions (16 at the end), the passes'
+/// chains sized to sixteen accumulators.
 ///
 /// # Safety
 /// See [`HalfChainsFn`]; the CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub unsafe fn chains_avx512(a: &Chains) {
-    use std::arch::x86_64::*;
-    /// Rows the passes prefetch ahead of the one in use (in groups of `chains` rows).
-    const AHEAD: usize = 16;
-    #[target_feature(enable = "avx512f")]
-    unsafe fn pass<const H: usize, const D: usize, const C: usize>(
-        a: &Chains,
-        h0: usize,
-        dim: usize,
-        q: usize,
-        done: &mut [[[__m512; 64]; 2]; 4],
-    ) {
-        unsafe {
-            let mut acc = [[[_mm512_setzero_ps(); C]; D]; H];
-            let v = a.v.add(dim);
-            let x = a.x.add(h0 * a.x_stride);
-            let mut j0 = q;
-            while j0 < a.n {
-                for c in 0..C {
-                    let ahead = v.wrapping_add((j0 + AHEAD * a.chains + c) * a.stride);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                }
-                let lanes = (a.n - j0).min(C);
-                for c in 0..C {
-                    if C > 1 && c >= lanes {
-                        break;
-                    }
-                    let j = j0 + c;
-                    let row = v.add(j * a.stride);
-                    let vals: [__m512; D] = std::array::from_fn(|k| {
-                        _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * k) as *const __m256i))
-                    });
-                    for (h, acc) in acc.iter_mut().enumerate() {
-                        let s = _mm512_set1_ps(*x.add(h * a.x_stride + j));
-                        for (k, acc) in acc.iter_mut().enumerate() {
-                            acc[c] = _mm512_fmadd_ps(s, vals[k], acc[c]);
-                        }
-                    }
-                }
-                j0 += a.chains;
-            }
-            for (h, acc) in acc.iter().enumerate() {
-                for (k, acc) in acc.iter().enumerate() {
-                    done[h][k][q..q + C].copy_from_slice(acc);
-                }
-            }
-        }
-    }
-    #[target_feature(enable = "avx512f")]
-    unsafe fn slice<const H: usize, const D: usize, const C: usize>(
-        a: &Chains,
-        h0: usize,
-        dim: usize,
-    ) {
-        unsafe {
-            let mut done = [[[_mm512_setzero_ps(); 64]; 2]; 4];
-            for q in (0..a.chains.min(a.n.next_multiple_of(C))).step_by(C) {
-                pass::<H, D, C>(a, h0, dim, q, &mut done);
-            }
-            for (h, done) in done.iter().enumerate().take(H) {
-                for (k, done) in done.iter().enumerate().take(D) {
-                    let mut c: [__m512; 16] = std::array::from_fn(|l| done[l]);
-                    if a.chains == 64 {
-                        for (l, c) in c.iter_mut().enumerate() {
-                            *c = _mm512_add_ps(
-                                _mm512_add_ps(done[l], done[32 + l]),
-                                _mm512_add_ps(done[16 + l], done[48 + l]),
-                            );
-                        }
-                    }
-                    let mut half = 16;
-                    while half > 1 {
-                        half /= 2;
-                        for i in 0..half {
-                            c[i] = _mm512_add_ps(c[i], c[i + half]);
-                        }
-                    }
-                    let out = a.out.add((h0 + h) * a.out_stride + dim + 16 * k);
-                    _mm512_storeu_ps(out, c[0]);
-                }
-            }
-        }
-    }
     #[target_feature(enable = "avx512f")]
     unsafe fn heads<const H: usize>(a: &Chains, h0: usize) {
         unsafe {
@@ -554,20 +645,44 @@ pub unsafe fn chains_avx512(a: &Chains) {
             while dim < a.d {
                 if a.d - dim >= 32 {
                     match H {
-                        1 => slice::<1, 2, 8>(a, h0, dim),
-                        2 => slice::<2, 2, 4>(a, h0, dim),
-                        3 => slice::<3, 2, 2>(a, h0, dim),
-                        _ => slice::<4, 2, 2>(a, h0, dim),
+                        1 => chains_slice::<Zmm, 1, 2, 8>(a, h0, dim),
+                        2 => chains_slice::<Zmm, 2, 2, 4>(a, h0, dim),
+                        3 => chains_slice::<Zmm, 3, 2, 2>(a, h0, dim),
+                        _ => chains_slice::<Zmm, 4, 2, 2>(a, h0, dim),
                     }
                     dim += 32;
                 } else {
                     match H {
-                        1 => slice::<1, 1, 16>(a, h0, dim),
-                        2 => slice::<2, 1, 8>(a, h0, dim),
-                        3 => slice::<3, 1, 4>(a, h0, dim),
-                        _ => slice::<4, 1, 4>(a, h0, dim),
+                        1 => chains_slice::<Zmm, 1, 1, 16>(a, h0, dim),
+                        2 => chains_slice::<Zmm, 2, 1, 8>(a, h0, dim),
+                        3 => chains_slice::<Zmm, 3, 1, 4>(a, h0, dim),
+                        _ => chains_slice::<Zmm, 4, 1, 4>(a, h0, dim),
                     }
                     dim += 16;
+                }
+            }
+        }
+    }
+    unsafe { by_four_heads!(heads, a) }
+}
+
+/// [`HalfChainsFn`] with AVX2: slices of 16 dimensions, the passes' chains sized to eight
+/// accumulators (of the sixteen registers).
+///
+/// # Safety
+/// See [`HalfChainsFn`]; the CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn chains_avx2(a: &Chains) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn heads<const H: usize>(a: &Chains, h0: usize) {
+        unsafe {
+            for dim in (0..a.d).step_by(16) {
+                match H {
+                    1 => chains_slice::<Ymm, 1, 2, 4>(a, h0, dim),
+                    2 => chains_slice::<Ymm, 2, 2, 2>(a, h0, dim),
+                    3 => chains_slice::<Ymm, 3, 2, 1>(a, h0, dim),
+                    _ => chains_slice::<Ymm, 4, 2, 1>(a, h0, dim),
                 }
             }
         }
@@ -615,7 +730,7 @@ impl HalfDots {
                     gemm: tinyblas16_avx2,
                     gemv16: vec_f16_avx2_x16,
                     gemm16: tinyblas16_avx2_x16,
-                    chains: None,
+                    chains: Some(chains_avx2),
                 });
             }
             if x86!("avx512f") {
@@ -762,9 +877,10 @@ mod tests {
 
     #[test]
     fn the_chains_kernel_adds_in_the_reference_order() {
-        let Some(chains_fn) = HalfDots::select(false).chains else {
-            return;
-        };
+        let kernels: Vec<_> = HalfDots::variants()
+            .into_iter()
+            .filter_map(|v| Some((v.variant, v.chains?)))
+            .collect();
         // Lengths below one group of chains, ending inside one, over many; every head count
         // a pass takes, and slices of 32 and 16 dimensions.
         for (d, n, heads) in [
@@ -787,28 +903,31 @@ mod tests {
                 .collect();
             for chains in [16, 64] {
                 let out_stride = d + 3;
-                let mut got = vec![f32::NAN; heads * out_stride];
-                let a = Chains {
-                    x: x.as_ptr(),
-                    x_stride,
-                    heads,
-                    n,
-                    v: v.as_ptr(),
-                    stride,
-                    d,
-                    chains,
-                    out: got.as_mut_ptr(),
-                    out_stride,
-                };
-                unsafe { chains_fn(&a) };
-                for h in 0..heads {
-                    let expect = chains_reference(&x[h * x_stride..][..n], &v, stride, d, chains);
-                    for dim in 0..d {
-                        assert_eq!(
-                            got[h * out_stride + dim].to_bits(),
-                            expect[dim].to_bits(),
-                            "d={d} n={n} chains={chains} head {h} dim {dim}"
-                        );
+                for &(variant, chains_fn) in &kernels {
+                    let mut got = vec![f32::NAN; heads * out_stride];
+                    let a = Chains {
+                        x: x.as_ptr(),
+                        x_stride,
+                        heads,
+                        n,
+                        v: v.as_ptr(),
+                        stride,
+                        d,
+                        chains,
+                        out: got.as_mut_ptr(),
+                        out_stride,
+                    };
+                    unsafe { chains_fn(&a) };
+                    for h in 0..heads {
+                        let expect =
+                            chains_reference(&x[h * x_stride..][..n], &v, stride, d, chains);
+                        for dim in 0..d {
+                            assert_eq!(
+                                got[h * out_stride + dim].to_bits(),
+                                expect[dim].to_bits(),
+                                "{variant}: d={d} n={n} chains={chains} head {h} dim {dim}"
+                            );
+                        }
                     }
                 }
             }
