@@ -48,6 +48,9 @@ pub struct Chains {
     pub n: usize,
     pub v: *const u16,
     pub stride: usize,
+    /// 0: position `j`'s row is row `j`; otherwise the rows are grouped by `j % 64`, each
+    /// group `run` rows: position `j`'s row is `(j % 64)·run + j / 64`.
+    pub run: usize,
     pub d: usize,
     pub chains: usize,
     pub out: *mut f32,
@@ -561,9 +564,20 @@ unsafe fn chains_pass<L: ChainLanes, const H: usize, const D: usize, const C: us
         let x = a.x.add(h0 * a.x_stride);
         let mut j0 = q;
         while j0 < a.n {
+            let at = |j: usize| {
+                if a.run == 0 {
+                    j
+                } else {
+                    (j % 64) * a.run + j / 64
+                }
+            };
             for c in 0..C {
-                let ahead = v.wrapping_add((j0 + AHEAD * a.chains + c) * a.stride);
-                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                let ahead = if a.run == 0 {
+                    at(j0 + AHEAD * a.chains + c)
+                } else {
+                    at(j0 + C + c)
+                };
+                _mm_prefetch::<_MM_HINT_T0>(v.wrapping_add(ahead * a.stride) as *const i8);
             }
             let lanes = (a.n - j0).min(C);
             for c in 0..C {
@@ -571,7 +585,7 @@ unsafe fn chains_pass<L: ChainLanes, const H: usize, const D: usize, const C: us
                     break;
                 }
                 let j = j0 + c;
-                let row = v.add(j * a.stride);
+                let row = v.add(at(j) * a.stride);
                 let vals: [L::V; D] = std::array::from_fn(|k| L::load_f16(row.add(L::LANES * k)));
                 for (h, acc) in acc.iter_mut().enumerate() {
                     let s = L::splat(*x.add(h * a.x_stride + j));
@@ -901,7 +915,17 @@ mod tests {
                 .enumerate()
                 .map(|(j, &v)| if j % 7 == 3 { 0.0 } else { v.abs() / 4.0 })
                 .collect();
-            for chains in [16, 64] {
+            // The same rows grouped by position modulo 64, runs of `run` rows (one spare).
+            let run = n.div_ceil(64) + 1;
+            let mut grouped = vec![0u16; 64 * run * stride];
+            for j in 0..n {
+                let at = (j % 64) * run + j / 64;
+                grouped[at * stride..][..stride].copy_from_slice(&v[j * stride..][..stride]);
+            }
+            for (chains, (rows, run)) in [16, 64]
+                .into_iter()
+                .flat_map(|c| [(c, (&v, 0)), (c, (&grouped, run))])
+            {
                 let out_stride = d + 3;
                 for &(variant, chains_fn) in &kernels {
                     let mut got = vec![f32::NAN; heads * out_stride];
@@ -910,8 +934,9 @@ mod tests {
                         x_stride,
                         heads,
                         n,
-                        v: v.as_ptr(),
+                        v: rows.as_ptr(),
                         stride,
+                        run,
                         d,
                         chains,
                         out: got.as_mut_ptr(),
@@ -925,7 +950,7 @@ mod tests {
                             assert_eq!(
                                 got[h * out_stride + dim].to_bits(),
                                 expect[dim].to_bits(),
-                                "{variant}: d={d} n={n} chains={chains} head {h} dim {dim}"
+                                "{variant}: d={d} n={n} chains={chains} run={run} head {h} dim {dim}"
                             );
                         }
                     }

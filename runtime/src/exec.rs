@@ -291,6 +291,48 @@ struct KvLayout {
     g: usize,
     d: usize,
     f16: bool,
+    /// The values are grouped in runs ([`ValueRuns`]): every attention on the layer is
+    /// [`Executor::attention_phased`].
+    runs: bool,
+}
+
+/// Where the values live in an f16 cache layer grouped in runs ([`KvLayout::runs`]): per KV
+/// head, slices of 32 dimensions (the last one narrower), each slice's rows grouped by
+/// position modulo 64 (ggml's GEMV chains; tinyBLAS's sixteen are four of them each), `run`
+/// rows per group. A pass of the chains kernel over a few chains then reads runs of memory
+/// instead of a line here and there.
+#[derive(Clone, Copy, Debug)]
+struct ValueRuns {
+    d: usize,
+    run: usize,
+}
+
+impl ValueRuns {
+    fn new(capacity: usize, d: usize) -> ValueRuns {
+        ValueRuns {
+            d,
+            run: capacity.div_ceil(64),
+        }
+    }
+
+    /// Values per KV head.
+    fn head(&self) -> usize {
+        64 * self.run * self.d
+    }
+
+    /// KV head `kvh`'s slice of dimensions from `dim0` (a multiple of 32): where it starts,
+    /// and its width (the distance between its rows).
+    fn slice(&self, kvh: usize, dim0: usize) -> (usize, usize) {
+        (
+            kvh * self.head() + dim0 * 64 * self.run,
+            (self.d - dim0).min(32),
+        )
+    }
+
+    /// The row of position `pos` in a slice.
+    fn row(&self, pos: usize) -> usize {
+        (pos % 64) * self.run + pos / 64
+    }
 }
 
 /// Per-kernel counters for `--trace-kernels`.
@@ -605,7 +647,7 @@ impl Executor {
             packed,
             ..
         } = b;
-        Ok(Executor {
+        let mut exec = Executor {
             kernels,
             labels,
             counters,
@@ -624,7 +666,15 @@ impl Executor {
             _owned: (owned, owned_shapes),
             reencoded_head,
             packed,
-        })
+        };
+        for layer in 0..exec.kv.len() {
+            let paths: Vec<_> = exec.attentions().filter(|a| a.0 == layer).collect();
+            exec.kv[layer].runs = !paths.is_empty()
+                && paths
+                    .iter()
+                    .all(|&(_, _, kq, kqv)| exec.phased(layer, kq, kqv));
+        }
+        Ok(exec)
     }
 
     /// Bytes of KV cache per position (every layer's keys and values).
@@ -792,7 +842,12 @@ impl Executor {
             .iter()
             .map(|l| {
                 let n = capacity * l.g * l.d;
-                if l.f16 {
+                if l.runs {
+                    KvData::F16(
+                        vec![0; n],
+                        vec![0; l.g * ValueRuns::new(capacity, l.d).head()],
+                    )
+                } else if l.f16 {
                     KvData::F16(vec![0; n], vec![0; n])
                 } else {
                     KvData::F32(vec![0.0; n], vec![0.0; n])
@@ -1249,9 +1304,20 @@ impl Executor {
                                 kc[at..at + d]
                                     .reinterpret_cast_mut::<f16>()
                                     .convert_from_f32_slice(&ks[src.clone()]);
-                                vc[at..at + d]
-                                    .reinterpret_cast_mut::<f16>()
-                                    .convert_from_f32_slice(&vs[src]);
+                                if l.runs {
+                                    let runs = ValueRuns::new(capacity, d);
+                                    for dim0 in (0..d).step_by(32) {
+                                        let (slice, w) = runs.slice(kvh, dim0);
+                                        let at = slice + runs.row(p as usize) * w;
+                                        vc[at..at + w]
+                                            .reinterpret_cast_mut::<f16>()
+                                            .convert_from_f32_slice(&vs[src.start + dim0..][..w]);
+                                    }
+                                } else {
+                                    vc[at..at + d]
+                                        .reinterpret_cast_mut::<f16>()
+                                        .convert_from_f32_slice(&vs[src]);
+                                }
                             }
                             KvData::F32(kc, vc) => {
                                 kc[at..at + d].copy_from_slice(&ks[src.clone()]);
@@ -1842,6 +1908,12 @@ impl Executor {
         let (g, d) = (l.g, l.d);
         let group = h / g;
         let cap = st.capacity;
+        // The values grouped in runs, or (`run` 0) rows by position.
+        let runs = if l.runs {
+            ValueRuns::new(cap, d)
+        } else {
+            ValueRuns { d, run: 0 }
+        };
         let half = self.half;
         let (dot, dot16) = match kq {
             DotPath::Gemm { .. } => (half.gemm, half.gemm16),
@@ -1957,7 +2029,15 @@ impl Executor {
                     let vis = visible(tok);
                     let padded = vis.next_multiple_of(32);
                     let (n_chains, _, limit) = value_chains(kqv, padded);
-                    let values = unsafe { cache(tok).1.add(kvh * cap * d + dim0) };
+                    // The slice's first value, the distance between its rows, and the row
+                    // of each position.
+                    let (values, v_stride, run) = if runs.run > 0 {
+                        let (slice, w) = runs.slice(kvh, dim0);
+                        (unsafe { cache(tok).1.add(slice) }, w, runs.run)
+                    } else {
+                        (unsafe { cache(tok).1.add(kvh * cap * d + dim0) }, d, 0)
+                    };
+                    let row = |j: usize| if run > 0 { runs.row(j) } else { j };
                     let i0 = (tok - c0) * h + kvh * group;
                     let x = unsafe { scores.get().add(i0 * stride) };
                     let out = unsafe { o.get().add((tok * h + kvh * group) * d + dim0) };
@@ -1969,7 +2049,8 @@ impl Executor {
                             heads: group,
                             n: limit.min(vis),
                             v: values,
-                            stride: d,
+                            stride: v_stride,
+                            run,
                             d: dims,
                             chains: n_chains,
                             out,
@@ -1993,9 +2074,10 @@ impl Executor {
                         }
                         for (j, &xj) in x.iter().enumerate().skip(limit) {
                             if j < vis {
-                                let v: &[f16] =
-                                    unsafe { std::slice::from_raw_parts(values.add(j * d), dims) }
-                                        .reinterpret_cast();
+                                let v: &[f16] = unsafe {
+                                    std::slice::from_raw_parts(values.add(row(j) * v_stride), dims)
+                                }
+                                .reinterpret_cast();
                                 for (a, v) in acc.iter_mut().zip(v) {
                                     *a += (xj * v.to_f32()) as f64;
                                 }
@@ -2937,6 +3019,7 @@ impl<'p> Builder<'p> {
                     g: dim(1),
                     d: dim(2),
                     f16: *cache == DType::F16,
+                    runs: false,
                 };
                 let index = self.kv.len();
                 self.kv.push(layout);
