@@ -2220,6 +2220,11 @@ mod host {
 
     pub fn softmax(x: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature is present.
+            return unsafe { softmax::avx512(x) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if fma() {
             #[target_feature(enable = "avx2,fma")]
             fn softmax_fma(x: &mut [f32]) {
@@ -2229,6 +2234,92 @@ mod host {
             return unsafe { softmax_fma(x) };
         }
         numerics::softmax(x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub mod softmax {
+        use std::arch::x86_64::*;
+
+        /// `numerics::softmax` sixteen lanes at a time: the same max, `expf_ggml` as ggml's
+        /// AVX-512 `ggml_v_expf` (its `_mm512_scalef_ps` rounds `j·2^n` once, as the
+        /// reference's f64 product does), each block's halving sum added to an f64 in order,
+        /// then the same product by the reciprocal.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn avx512(x: &mut [f32]) {
+            let n = x.len();
+            let p = x.as_mut_ptr();
+            let lanes = |i: usize| -> __mmask16 {
+                if n - i >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << (n - i)) - 1) as __mmask16
+                }
+            };
+            let c = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
+            // SAFETY (all loads and stores): masked to the slice's `n` values.
+            unsafe {
+                // f32::max keeps the number when one side is NaN, as max_ps(v, m) does.
+                let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+                for i in (0..n).step_by(16) {
+                    let v = _mm512_maskz_loadu_ps(lanes(i), p.add(i));
+                    m = _mm512_mask_max_ps(m, lanes(i), v, m);
+                }
+                let max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+                let r = c(0x4b40_0000);
+                let mut sum = 0.0f64;
+                for i in (0..n).step_by(16) {
+                    let k = lanes(i);
+                    let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), max);
+                    let z = _mm512_fmadd_ps(x, c(0x3fb8_aa3b), r);
+                    let nn = _mm512_sub_ps(z, r);
+                    let b = _mm512_fnmadd_ps(
+                        nn,
+                        c(0x35bf_be8e),
+                        _mm512_fnmadd_ps(nn, c(0x3f31_7200), x),
+                    );
+                    let u = _mm512_mul_ps(b, b);
+                    let j = _mm512_fmadd_ps(
+                        _mm512_fmadd_ps(
+                            _mm512_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+                            u,
+                            _mm512_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+                        ),
+                        u,
+                        _mm512_fmadd_ps(c(0x3f7f_fff6), b, _mm512_set1_ps(1.0)),
+                    );
+                    let e = _mm512_scalef_ps(j, nn);
+                    // |n| > 192 or NaN: 0 below, infinity otherwise.
+                    let abs = _mm512_abs_ps(nn);
+                    let fine = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(abs, _mm512_set1_ps(192.0));
+                    let low = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(nn, _mm512_setzero_ps());
+                    let far = _mm512_mask_blend_ps(
+                        low,
+                        _mm512_set1_ps(f32::INFINITY),
+                        _mm512_setzero_ps(),
+                    );
+                    let e = _mm512_maskz_mov_ps(k, _mm512_mask_blend_ps(fine, far, e));
+                    _mm512_mask_storeu_ps(p.add(i), k, e);
+                    // The block's halving sum (inactive lanes 0, as the reference's block).
+                    let h8 = _mm256_add_ps(
+                        _mm512_castps512_ps256(e),
+                        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))),
+                    );
+                    let h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
+                    let h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+                    let h1 = _mm_add_ss(h2, _mm_shuffle_ps::<1>(h2, h2));
+                    sum += _mm_cvtss_f32(h1) as f64;
+                }
+                let inv = _mm512_set1_ps((1.0 / sum) as f32);
+                for i in (0..n).step_by(16) {
+                    let k = lanes(i);
+                    let v = _mm512_maskz_loadu_ps(k, p.add(i));
+                    _mm512_mask_storeu_ps(p.add(i), k, _mm512_mul_ps(v, inv));
+                }
+            }
+        }
     }
 
     /// Rounds every value to f16 and back (`numerics::round_f16`), eight at a time with F16C.
@@ -3088,6 +3179,39 @@ fn find_code3(bytes: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_vector_softmax_gives_the_reference_bits() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as u32
+        };
+        for n in (1..70).chain([255, 256, 257, 1000]) {
+            for spread in [0.01f32, 1.0, 30.0, 200.0] {
+                let mut x: Vec<f32> = (0..n)
+                    .map(|_| (next() as f32 / (1 << 24) as f32 - 0.5) * spread)
+                    .collect();
+                // A masked position, far below the others (exp underflows to 0), an exact tie.
+                if n > 3 {
+                    x[1] = f32::NEG_INFINITY;
+                    x[2] = -150.0;
+                    x[3] = x[0];
+                }
+                let mut expect = x.clone();
+                numerics::softmax(&mut expect);
+                unsafe { host::softmax::avx512(&mut x) };
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&x), bits(&expect), "n={n} spread={spread}");
+            }
+        }
+    }
 
     #[test]
     fn code3_is_found_where_it_is() {
