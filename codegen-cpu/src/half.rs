@@ -553,7 +553,7 @@ impl ChainLanes for Ymm {
 unsafe fn chains_pass<L: ChainLanes, const H: usize, const D: usize, const C: usize>(
     a: &Chains,
     (h0, dim, q): (usize, usize, usize),
-    done: &mut [[[L::V; 64]; 2]; 4],
+    done: *mut L::V,
 ) {
     use std::arch::x86_64::*;
     /// Groups of `chains` rows the passes prefetch ahead of the one in use.
@@ -598,7 +598,8 @@ unsafe fn chains_pass<L: ChainLanes, const H: usize, const D: usize, const C: us
         }
         for (h, acc) in acc.iter().enumerate() {
             for (k, acc) in acc.iter().enumerate() {
-                done[h][k][q..q + C].copy_from_slice(acc);
+                let at = done.add((h * D + k) * 64 + q);
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), at, C);
             }
         }
     }
@@ -615,18 +616,29 @@ unsafe fn chains_slice<L: ChainLanes, const H: usize, const D: usize, const C: u
     dim: usize,
 ) {
     unsafe {
-        let mut done = [[[L::zero(); 64]; 2]; 4];
-        for q in (0..a.chains.min(a.n.next_multiple_of(C))).step_by(C) {
-            chains_pass::<L, H, D, C>(a, (h0, dim, q), &mut done);
+        // Each head's and register's chains: written by the passes, the ones no row reaches
+        // zeroed (not the whole array: short sequences would spend their time clearing it).
+        let mut done = std::mem::MaybeUninit::<[[[L::V; 64]; D]; H]>::uninit();
+        let base = done.as_mut_ptr() as *mut L::V;
+        let passed = a.chains.min(a.n.next_multiple_of(C));
+        for q in (0..passed).step_by(C) {
+            chains_pass::<L, H, D, C>(a, (h0, dim, q), base);
         }
-        for (h, done) in done.iter().enumerate().take(H) {
-            for (k, done) in done.iter().enumerate().take(D) {
-                let mut c: [L::V; 16] = std::array::from_fn(|l| done[l]);
+        for hk in 0..H * D {
+            for q in passed..a.chains {
+                base.add(hk * 64 + q).write(L::zero());
+            }
+        }
+        // Only the chains in use are read (the first 16 of 64 are written for 16).
+        for h in 0..H {
+            for k in 0..D {
+                let chain = |l: usize| base.add((h * D + k) * 64 + l).read();
+                let mut c: [L::V; 16] = std::array::from_fn(&chain);
                 if a.chains == 64 {
                     for (l, c) in c.iter_mut().enumerate() {
                         *c = L::add(
-                            L::add(done[l], done[32 + l]),
-                            L::add(done[16 + l], done[48 + l]),
+                            L::add(chain(l), chain(32 + l)),
+                            L::add(chain(16 + l), chain(48 + l)),
                         );
                     }
                 }
