@@ -5,6 +5,8 @@
 
 use super::{ExecArgs, Result};
 use crate::KvCacheType;
+use bitnetc::runtime::Session;
+use bitnetc::runtime::batch::DecodeBatcher;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -38,6 +40,11 @@ pub struct BenchArgs {
         default_value = "0"
     )]
     pub n_depth: Vec<usize>,
+    /// Sessions generating at once (also -np; comma-separated): each test runs in that many
+    /// sessions, each on its own thread, their one-token steps batched into one step for all of
+    /// them as `serve --parallel` does; t/s counts every session's tokens
+    #[arg(long = "parallel", value_delimiter = ',', default_value = "1")]
+    pub parallel: Vec<usize>,
     /// Thread counts to test (comma-separated; default: all cores)
     #[arg(short = 't', long, value_delimiter = ',')]
     pub threads: Vec<usize>,
@@ -90,13 +97,14 @@ struct Record {
     n_prompt: usize,
     n_gen: usize,
     n_depth: usize,
+    n_parallel: usize,
     samples_ns: Vec<u64>,
     backend: &'static str,
 }
 
 impl Record {
     fn tokens(&self) -> usize {
-        self.n_prompt + self.n_gen
+        (self.n_prompt + self.n_gen) * self.n_parallel
     }
 
     fn samples_ts(&self) -> Vec<f64> {
@@ -112,8 +120,13 @@ impl Record {
         } else {
             format!("tg{}", self.n_gen)
         };
-        if self.n_depth > 0 {
+        let test = if self.n_depth > 0 {
             format!("{test} @ d{}", self.n_depth)
+        } else {
+            test
+        };
+        if self.n_parallel > 1 {
+            format!("{test} x{}", self.n_parallel)
         } else {
             test
         }
@@ -150,6 +163,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .collect();
     if tests.is_empty() {
         return Err("no tests: give -p or -n greater than 0".into());
+    }
+    if a.parallel.contains(&0) {
+        return Err("--parallel must be at least 1".into());
+    }
+    if a.device == super::Device::Cuda && a.parallel.iter().any(|&n| n > 1) {
+        return Err(
+            "--parallel above 1 runs on the CPU only (GPU sessions are not batched)".into(),
+        );
     }
     let context = tests.iter().map(|&(p, n)| p + n).max().unwrap_or(1)
         + a.n_depth.iter().copied().max().unwrap_or(0);
@@ -211,81 +232,96 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 .engine
                 .executor()
                 .map_or(0, |e| e.weight_bytes_per_token());
-            // One session, emptied (down to the depth) before each run, as llama-bench clears
-            // its context.
-            let mut session = model.engine.session();
-            for &depth in &a.n_depth {
-                // The depth's tokens are evaluated once; every run rewinds the cache to them.
-                session.reset();
-                if depth > 0 {
-                    let fill: Vec<u32> = (0..depth).map(|_| token()).collect();
-                    session.eval_last(&fill)?;
+            for &np in &a.parallel {
+                // Sessions emptied (down to the depth) before each run, as llama-bench clears
+                // its context; more than one meet in a batcher for their one-token steps.
+                let batcher = (np > 1).then(|| DecodeBatcher::new(&model.engine));
+                let mut sessions = Vec::new();
+                for _ in 0..np {
+                    let mut session = model.engine.session();
+                    if let Some(b) = &batcher {
+                        session.join(b)?;
+                    }
+                    sessions.push(session);
+                }
+                for &depth in &a.n_depth {
+                    // The depth's tokens are evaluated once; every run rewinds the cache to them.
+                    for session in &mut sessions {
+                        session.reset();
+                        if depth > 0 {
+                            let fill: Vec<u32> = (0..depth).map(|_| token()).collect();
+                            session.eval_last(&fill)?;
+                        }
+                    }
                     // The trace counts the tests, not the depth's tokens.
                     model.engine.reset_trace();
-                }
-                for &(n_prompt, n_gen) in &tests {
-                    let mut samples = Vec::new();
-                    for rep in 0..=a.repetitions {
-                        let prompt: Vec<u32> = (0..n_prompt).map(|_| token()).collect();
-                        session.rewind(depth);
-                        let started = Instant::now();
-                        if n_prompt > 0 {
-                            session.eval_last(&prompt)?;
+                    for &(n_prompt, n_gen) in &tests {
+                        let mut samples = Vec::new();
+                        for rep in 0..=a.repetitions {
+                            let work: Vec<(Vec<u32>, Vec<u32>)> = (0..np)
+                                .map(|_| {
+                                    let prompt = (0..n_prompt).map(|_| token()).collect();
+                                    (prompt, (0..n_gen).map(|_| token()).collect())
+                                })
+                                .collect();
+                            for session in &mut sessions {
+                                session.rewind(depth);
+                            }
+                            let started = Instant::now();
+                            run_sessions(&mut sessions, &work)?;
+                            let ns = started.elapsed().as_nanos() as u64;
+                            // The first run warms up (page faults, caches).
+                            if rep > 0 {
+                                samples.push(ns);
+                            }
                         }
-                        for _ in 0..n_gen {
-                            session.eval_last(&[token()])?;
-                        }
-                        let ns = started.elapsed().as_nanos() as u64;
-                        // The first run warms up (page faults, caches).
-                        if rep > 0 {
-                            samples.push(ns);
-                        }
-                    }
-                    let r = Record {
-                        backend: if a.device == super::Device::Cuda {
-                            "CUDA"
-                        } else {
-                            "CPU"
-                        },
-                        model_filename: path.display().to_string(),
-                        model_type: model_type.clone(),
-                        model_size: desc.totals.bytes,
-                        model_n_params: desc.totals.parameters,
-                        n_batch: a.batch_size,
-                        n_threads: t,
-                        type_kv: match a.kv_cache {
-                            KvCacheType::F16 => "f16",
-                            KvCacheType::F32 => "f32",
-                        },
-                        n_prompt,
-                        n_gen,
-                        n_depth: depth,
-                        samples_ns: samples,
-                    };
-                    if a.output == Format::Md {
-                        let (mean, sd) = stats(&r.samples_ts());
-                        println!(
-                            "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} | {:>13} | {:>20} |",
-                            r.model_type,
-                            super::human_bytes(r.model_size),
-                            super::human_count(r.model_n_params),
-                            r.backend,
-                            t,
-                            r.test(),
-                            format!("{mean:.2} ± {sd:.2}")
-                        );
-                        if let (Some(bw), true) = (bandwidth, n_gen > 0) {
-                            let roof = bw / bytes_per_token as f64;
-                            eprintln!(
-                                "  {}: {:.1} MB of weights per token; read bandwidth {:.1} GB/s at {t} threads; roofline {roof:.1} t/s; {:.0}% of it",
+                        let r = Record {
+                            backend: if a.device == super::Device::Cuda {
+                                "CUDA"
+                            } else {
+                                "CPU"
+                            },
+                            model_filename: path.display().to_string(),
+                            model_type: model_type.clone(),
+                            model_size: desc.totals.bytes,
+                            model_n_params: desc.totals.parameters,
+                            n_batch: a.batch_size,
+                            n_threads: t,
+                            type_kv: match a.kv_cache {
+                                KvCacheType::F16 => "f16",
+                                KvCacheType::F32 => "f32",
+                            },
+                            n_prompt,
+                            n_gen,
+                            n_depth: depth,
+                            n_parallel: np,
+                            samples_ns: samples,
+                        };
+                        if a.output == Format::Md {
+                            let (mean, sd) = stats(&r.samples_ts());
+                            println!(
+                                "| {:<30} | {:>10} | {:>10} | {:<10} | {:>7} | {:>13} | {:>20} |",
+                                r.model_type,
+                                super::human_bytes(r.model_size),
+                                super::human_count(r.model_n_params),
+                                r.backend,
+                                t,
                                 r.test(),
-                                bytes_per_token as f64 / 1e6,
-                                bw / 1e9,
-                                100.0 * mean / roof
+                                format!("{mean:.2} ± {sd:.2}")
                             );
+                            if let (Some(bw), true) = (bandwidth, n_gen > 0) {
+                                let roof = bw / bytes_per_token as f64;
+                                eprintln!(
+                                    "  {}: {:.1} MB of weights per token; read bandwidth {:.1} GB/s at {t} threads; roofline {roof:.1} t/s; {:.0}% of it",
+                                    r.test(),
+                                    bytes_per_token as f64 / 1e6,
+                                    bw / 1e9,
+                                    100.0 * mean / roof
+                                );
+                            }
                         }
+                        records.push(r);
                     }
-                    records.push(r);
                 }
             }
             exec.print_trace(&model);
@@ -296,6 +332,36 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&json)?);
     }
     Ok(())
+}
+
+/// Evaluates each session's prompt (if it has one), then its generation's tokens one at a
+/// time; more than one session run on threads of their own.
+fn run_sessions(sessions: &mut [Session<'_>], work: &[(Vec<u32>, Vec<u32>)]) -> Result<()> {
+    fn one(session: &mut Session<'_>, (prompt, tokens): &(Vec<u32>, Vec<u32>)) -> Result<()> {
+        if !prompt.is_empty() {
+            session.eval_last(prompt)?;
+        }
+        for &token in tokens {
+            session.eval_last(&[token])?;
+        }
+        Ok(())
+    }
+    if let ([session], [w]) = (&mut *sessions, work) {
+        return one(session, w);
+    }
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = sessions
+            .iter_mut()
+            .zip(work)
+            .map(|(session, w)| scope.spawn(move || one(session, w).map_err(|e| e.to_string())))
+            .collect();
+        for thread in threads {
+            thread
+                .join()
+                .map_err(|_| "a session's thread panicked".to_string())??;
+        }
+        Ok(())
+    })
 }
 
 fn json_record(r: &Record) -> serde_json::Value {
@@ -321,6 +387,7 @@ fn json_record(r: &Record) -> serde_json::Value {
         "n_prompt": r.n_prompt,
         "n_gen": r.n_gen,
         "n_depth": r.n_depth,
+        "n_parallel": r.n_parallel,
         "test_time": iso8601(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())),
         "avg_ns": avg_ns as u64,
         "stddev_ns": stddev_ns as u64,

@@ -689,6 +689,63 @@ fn bench_writes_llama_bench_json_records() {
 }
 
 #[test]
+fn bench_runs_sessions_in_parallel() {
+    let path = fixture("tiny/bitnetcpp-tiny-i2_s.gguf");
+    let o = bitnetc(&[
+        "bench",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "4",
+        "-n",
+        "3",
+        "-d",
+        "2",
+        "--parallel",
+        "1,3",
+        "-r",
+        "2",
+        "-o",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let records: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let tests: Vec<[u64; 4]> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| ["n_parallel", "n_depth", "n_prompt", "n_gen"].map(|k| r[k].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        tests,
+        vec![[1, 2, 4, 0], [1, 2, 0, 3], [3, 2, 4, 0], [3, 2, 0, 3]]
+    );
+    // The table labels the tests of several sessions.
+    let o = bitnetc(&[
+        "bench",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "0",
+        "-n",
+        "2",
+        "-np",
+        "2",
+        "-r",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(" tg2 x2 |"), "{}", stdout(&o));
+    let o = bitnetc(&["bench", "-m", path.to_str().unwrap(), "--parallel", "0"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--parallel must be at least 1"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn a_compiled_plan_answers_like_its_model() {
     let Some(model) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
