@@ -2062,7 +2062,16 @@ impl Executor {
                         continue;
                     }
                     // ggml's GEMV adds the elements past the last 64 in f64, padding (0·0)
-                    // included.
+                    // included. The visible rows there (fewer than 64: `limit` is `padded`
+                    // rounded down to 64) as f32, converted once for every head.
+                    let mut rows32 = [0.0f32; 64 * 32];
+                    for (i, j) in (limit..vis).enumerate() {
+                        let v: &[f16] = unsafe {
+                            std::slice::from_raw_parts(values.add(row(j) * v_stride), dims)
+                        }
+                        .reinterpret_cast();
+                        v.convert_to_f32_slice(&mut rows32[i * dims..(i + 1) * dims]);
+                    }
                     for hh in 0..group {
                         let out = unsafe { std::slice::from_raw_parts_mut(out.add(hh * d), dims) };
                         let x = unsafe { std::slice::from_raw_parts(x.add(hh * stride), padded) };
@@ -2074,12 +2083,9 @@ impl Executor {
                         }
                         for (j, &xj) in x.iter().enumerate().skip(limit) {
                             if j < vis {
-                                let v: &[f16] = unsafe {
-                                    std::slice::from_raw_parts(values.add(row(j) * v_stride), dims)
-                                }
-                                .reinterpret_cast();
-                                for (a, v) in acc.iter_mut().zip(v) {
-                                    *a += (xj * v.to_f32()) as f64;
+                                let v = &rows32[(j - limit) * dims..][..dims];
+                                for (a, &v) in acc.iter_mut().zip(v) {
+                                    *a += (xj * v) as f64;
                                 }
                             } else {
                                 for a in &mut acc[..dims] {
