@@ -27,6 +27,37 @@ pub struct Rows16 {
     pub out_stride: usize,
 }
 
+/// One row `w` of `k` f16 values against `tokens` vectors of `k` f32 values stored back to
+/// back at `x`: `out[t·out_stride]` is the row dotted with vector `t`, exactly as the one-row
+/// dot gives it. A step of several tokens' output projection, each row read once for them.
+///
+/// # Safety
+/// `x` must hold `tokens·k` values, `w` `k`, `out` the `tokens` results; the CPU must have the
+/// features of the variant.
+pub type HalfDotTokensFn = unsafe fn(
+    x: *const f32,
+    tokens: usize,
+    w: *const u16,
+    k: usize,
+    out: *mut f32,
+    out_stride: usize,
+);
+
+/// [`HalfDotTokensFn`] by the one-row dot `dot`, token by token.
+///
+/// # Safety
+/// As [`HalfDotTokensFn`], for `dot`.
+#[inline(always)]
+unsafe fn tokens_by_one(
+    dot: HalfDotFn,
+    (x, tokens, w, k): (*const f32, usize, *const u16, usize),
+    (out, out_stride): (*mut f32, usize),
+) {
+    for t in 0..tokens {
+        unsafe { *out.add(t * out_stride) = dot(x.add(t * k), w, k) };
+    }
+}
+
 /// A [`Rows16`] kernel.
 ///
 /// # Safety
@@ -716,6 +747,103 @@ pub unsafe fn chains_avx2(a: &Chains) {
     unsafe { by_four_heads!(heads, a) }
 }
 
+/// [`vec_f16_scalar`] for several tokens.
+///
+/// # Safety
+/// See [`HalfDotTokensFn`].
+pub unsafe fn vec_f16_scalar_tokens(
+    x: *const f32,
+    tokens: usize,
+    w: *const u16,
+    k: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    unsafe { tokens_by_one(vec_f16_scalar, (x, tokens, w, k), (out, out_stride)) }
+}
+
+/// [`vec_f16_avx2`] for several tokens.
+///
+/// # Safety
+/// See [`HalfDotTokensFn`]; the CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn vec_f16_avx2_tokens(
+    x: *const f32,
+    tokens: usize,
+    w: *const u16,
+    k: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    unsafe { tokens_by_one(vec_f16_avx2, (x, tokens, w, k), (out, out_stride)) }
+}
+
+/// [`vec_f16_avx512`] for up to four tokens at a time: each 64 values of the row converted
+/// once, every token's four chains fed from them.
+///
+/// # Safety
+/// See [`HalfDotTokensFn`]; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn vec_f16_avx512_tokens(
+    x: *const f32,
+    tokens: usize,
+    w: *const u16,
+    k: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group<const T: usize>(
+        x: *const f32,
+        w: *const u16,
+        k: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        unsafe {
+            let np = k & !63;
+            let mut acc = [[_mm512_setzero_ps(); 4]; T];
+            let mut i = 0;
+            while i < np {
+                // As the one-row dot: the next rows, 8 KiB ahead.
+                let ahead = w.wrapping_add(i + 4096) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                for j in 0..4 {
+                    let wv =
+                        _mm512_cvtph_ps(_mm256_loadu_si256(w.add(i + 16 * j) as *const __m256i));
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_loadu_ps(x.add(t * k + i + 16 * j));
+                        acc[j] = _mm512_fmadd_ps(xv, wv, acc[j]);
+                    }
+                }
+                i += 64;
+            }
+            for (t, acc) in acc.iter().enumerate() {
+                let r = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+                let mut lanes = [0.0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), r);
+                *out.add(t * out_stride) = gemv_tail(reduce16(lanes), x.add(t * k), w, np, k);
+            }
+        }
+    }
+    unsafe {
+        let mut t = 0;
+        while t < tokens {
+            let (x, out) = (x.add(t * k), out.add(t * out_stride));
+            match tokens - t {
+                1 => group::<1>(x, w, k, out, out_stride),
+                2 => group::<2>(x, w, k, out, out_stride),
+                3 => group::<3>(x, w, k, out, out_stride),
+                _ => group::<4>(x, w, k, out, out_stride),
+            }
+            t += 4;
+        }
+    }
+}
+
 /// The two f16 dot orders for one host.
 #[derive(Clone, Copy, Debug)]
 pub struct HalfDots {
@@ -728,6 +856,8 @@ pub struct HalfDots {
     pub gemv16: HalfDots16Fn,
     /// `gemm` for sixteen rows.
     pub gemm16: HalfDots16Fn,
+    /// `gemv` for several tokens.
+    pub gemv_tokens: HalfDotTokensFn,
     /// Attention's weighted values, when the host has a vector kernel for them.
     pub chains: Option<HalfChainsFn>,
 }
@@ -756,6 +886,7 @@ impl HalfDots {
                     gemm: tinyblas16_avx2,
                     gemv16: vec_f16_avx2_x16,
                     gemm16: tinyblas16_avx2_x16,
+                    gemv_tokens: vec_f16_avx2_tokens,
                     chains: Some(chains_avx2),
                 });
             }
@@ -766,6 +897,7 @@ impl HalfDots {
                     gemm: tinyblas16_avx512,
                     gemv16: vec_f16_avx512_x16,
                     gemm16: tinyblas16_avx512_x16,
+                    gemv_tokens: vec_f16_avx512_tokens,
                     chains: Some(chains_avx512),
                 });
             }
@@ -779,6 +911,7 @@ impl HalfDots {
         gemm: tinyblas16_scalar,
         gemv16: vec_f16_scalar_x16,
         gemm16: tinyblas16_scalar_x16,
+        gemv_tokens: vec_f16_scalar_tokens,
         chains: None,
     };
 }
@@ -827,6 +960,39 @@ mod tests {
                 f16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0).to_bits()
             })
             .collect()
+    }
+
+    #[test]
+    fn several_tokens_equal_single_dots() {
+        for (k, tokens) in [
+            (16, 1),
+            (64, 2),
+            (100, 3),
+            (128, 4),
+            (200, 5),
+            (2560, 7),
+            (64, 9),
+        ] {
+            let w = halves(k, k as u64);
+            let x = floats(tokens * k, 5);
+            for dots in HalfDots::variants() {
+                let out_stride = 3;
+                let mut out = vec![f32::NAN; tokens * out_stride];
+                unsafe {
+                    (dots.gemv_tokens)(x.as_ptr(), tokens, w.as_ptr(), k, out.as_mut_ptr(), 3)
+                };
+                for t in 0..tokens {
+                    let expect = unsafe { (dots.gemv)(x[t * k..].as_ptr(), w.as_ptr(), k) };
+                    assert_eq!(
+                        out[t * out_stride].to_bits(),
+                        expect.to_bits(),
+                        "{} k={k} token {t}",
+                        dots.variant
+                    );
+                    assert!(out[t * out_stride + 1].is_nan());
+                }
+            }
+        }
     }
 
     #[test]

@@ -1693,14 +1693,22 @@ impl Executor {
                 });
             }
             Weights::F16 { parts, half } => {
-                let dot = match half.path(p.path_tn) {
-                    DotPath::Gemm { .. } if k.is_multiple_of(16) => self.half.gemm,
-                    _ => self.half.gemv,
+                let (dot, tokens) = match half.path(p.path_tn) {
+                    DotPath::Gemm { .. } if k.is_multiple_of(16) => (self.half.gemm, None),
+                    _ => (self.half.gemv, Some(self.half.gemv_tokens)),
                 };
                 for_parts(parts.iter().map(|p| p.1), row0, c, |pi, local, n, col| {
                     let w = parts[pi].0.ptr as *const u16;
                     for j in 0..n {
                         let wr = unsafe { w.add((local + j) * k) };
+                        if let Some(tokens) = tokens.filter(|_| tn > 1) {
+                            // Several tokens (batched decode steps): the row converted once
+                            // for them, each dot the same as alone.
+                            // SAFETY: a row of k f16 values; x holds tn rows of k; `into`
+                            // holds tn rows of c.
+                            unsafe { tokens(p.x, tn, wr, k, into.as_mut_ptr().add(col + j), c) };
+                            continue;
+                        }
                         for i in 0..tn {
                             // SAFETY: rows of k f16 values; x holds tn rows of k.
                             into[i * c + col + j] = unsafe { dot(p.x.add(i * k), wr, k) };
