@@ -146,7 +146,7 @@ macro_rules! rows_256 {
                 for b in 0..a.k / 128 {
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let wp = w.add(i * a.row_bytes + 32 * b);
-                        if T == 1 && b % 2 == 0 {
+                        if b % 2 == 0 {
                             _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH) as *const i8);
                         }
                         let wb = _mm256_loadu_si256(wp as *const __m256i);
@@ -326,7 +326,7 @@ unsafe fn tile_avx512<const R: usize, const T: usize>(a: &RowsArgs, r0: usize, t
             }
             for i in 0..R {
                 let wp = w.add(i * a.row_bytes + 32 * b);
-                if T == 1 && b % 2 == 0 {
+                if b % 2 == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH) as *const i8);
                 }
                 let wb = _mm512_broadcast_i64x4(_mm256_loadu_si256(wp as *const __m256i));
