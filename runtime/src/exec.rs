@@ -11,7 +11,9 @@ use bitnetc_codegen_cpu::blocks::{BlockDotFn, BlockGemmFn};
 use bitnetc_codegen_cpu::half::{Chains, HalfChainsFn, HalfDots, Rows16};
 use bitnetc_codegen_cpu::jit::JitError;
 use bitnetc_codegen_cpu::lut;
-use bitnetc_codegen_cpu::select::{KernelSet, TernaryChoice, choose_ternary, fixed_ternary};
+use bitnetc_codegen_cpu::select::{
+    KernelSet, TernaryChoice, TernaryKernel, choose_ternary, fixed_ternary,
+};
 use bitnetc_codegen_cpu::ternary::RowsArgs;
 use bitnetc_ir::encoding::{Encoding, i2s_scale};
 use bitnetc_ir::interp::{
@@ -1584,12 +1586,16 @@ impl Executor {
         match &l.weights {
             Weights::Ternary { parts, choice } => {
                 let choice = &self.choices[*choice];
-                // A few tokens (a batched decode step) run the one-token kernel once per token:
-                // on the 2B-4T shape with 4 tokens, measured on a 2-core AVX-512/AMX host, the
-                // FFN up projection took 174 ms per 4 such steps against 321 ms with the GEMM
-                // kernel (AMX), whose tiles pay off on longer steps. The sums are the same
+                // A few tokens (a batched decode step) run the one-token kernel once per token
+                // where the GEMM kernel is AMX: on the 2B-4T shape with 4 tokens, measured on a
+                // 2-core AVX-512/AMX host, the FFN up projection took 174 ms per 4 such steps
+                // against 321 ms with AMX, whose tiles pay off on longer steps. The vector
+                // GEMM kernels read each row once for all of them (with 4 tokens, one thread
+                // of an AMD EPYC host without AMX: 0.83 ms per call of that projection token
+                // by token, 0.39 ms through the AVX-512 VNNI tiles). The sums are the same
                 // integers either way.
-                let per_token = tn <= GEMV_MAX_TOKENS;
+                let per_token = tn <= GEMV_MAX_TOKENS
+                    && matches!(&choice.gemm, TernaryKernel::Native { name: "amx", .. });
                 let kernel = if per_token {
                     &choice.gemv
                 } else {
