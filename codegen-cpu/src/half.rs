@@ -506,75 +506,61 @@ trait ChainLanes {
     unsafe fn store(p: *mut f32, v: Self::V);
 }
 
-/// Sixteen lanes (AVX-512F).
-#[cfg(target_arch = "x86_64")]
-struct Zmm;
+/// A register width's [`ChainLanes`], from its intrinsics (`load` converts the f16 values at
+/// `p`).
+macro_rules! chain_lanes {
+    ($(#[$doc:meta])* $name:ident: $v:ident, $lanes:expr,
+     [$zero:ident, $add:ident, $fma:ident, $set1:ident, $store:ident], |$p:ident| $load:expr) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        struct $name;
 
-#[cfg(target_arch = "x86_64")]
-impl ChainLanes for Zmm {
-    type V = std::arch::x86_64::__m512;
-    const LANES: usize = 16;
-    #[inline(always)]
-    unsafe fn zero() -> Self::V {
-        unsafe { std::arch::x86_64::_mm512_setzero_ps() }
-    }
-    #[inline(always)]
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
-        unsafe { std::arch::x86_64::_mm512_add_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        unsafe { std::arch::x86_64::_mm512_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self::V {
-        unsafe { std::arch::x86_64::_mm512_set1_ps(x) }
-    }
-    #[inline(always)]
-    unsafe fn load_f16(p: *const u16) -> Self::V {
-        use std::arch::x86_64::*;
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        unsafe { std::arch::x86_64::_mm512_storeu_ps(p, v) }
-    }
+        #[cfg(target_arch = "x86_64")]
+        impl ChainLanes for $name {
+            type V = std::arch::x86_64::$v;
+            const LANES: usize = $lanes;
+            #[inline(always)]
+            unsafe fn zero() -> Self::V {
+                unsafe { std::arch::x86_64::$zero() }
+            }
+            #[inline(always)]
+            unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+                unsafe { std::arch::x86_64::$add(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+                unsafe { std::arch::x86_64::$fma(a, b, c) }
+            }
+            #[inline(always)]
+            unsafe fn splat(x: f32) -> Self::V {
+                unsafe { std::arch::x86_64::$set1(x) }
+            }
+            #[inline(always)]
+            unsafe fn load_f16($p: *const u16) -> Self::V {
+                use std::arch::x86_64::*;
+                unsafe { $load }
+            }
+            #[inline(always)]
+            unsafe fn store(p: *mut f32, v: Self::V) {
+                unsafe { std::arch::x86_64::$store(p, v) }
+            }
+        }
+    };
 }
 
-/// Eight lanes (AVX2, FMA, F16C).
-#[cfg(target_arch = "x86_64")]
-struct Ymm;
+chain_lanes!(
+    /// Sixteen lanes (AVX-512F).
+    Zmm: __m512, 16,
+    [_mm512_setzero_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_storeu_ps],
+    |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+);
 
-#[cfg(target_arch = "x86_64")]
-impl ChainLanes for Ymm {
-    type V = std::arch::x86_64::__m256;
-    const LANES: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> Self::V {
-        unsafe { std::arch::x86_64::_mm256_setzero_ps() }
-    }
-    #[inline(always)]
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
-        unsafe { std::arch::x86_64::_mm256_add_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        unsafe { std::arch::x86_64::_mm256_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self::V {
-        unsafe { std::arch::x86_64::_mm256_set1_ps(x) }
-    }
-    #[inline(always)]
-    unsafe fn load_f16(p: *const u16) -> Self::V {
-        use std::arch::x86_64::*;
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        unsafe { std::arch::x86_64::_mm256_storeu_ps(p, v) }
-    }
-}
+chain_lanes!(
+    /// Eight lanes (AVX2, FMA, F16C).
+    Ymm: __m256, 8,
+    [_mm256_setzero_ps, _mm256_add_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_storeu_ps],
+    |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+);
 
 /// One pass of [`chains_slice`]: the chains `q..q + C` of `H` heads for `D` registers of
 /// dimensions from `dim`, over all their rows, every accumulator in a register; each row's
