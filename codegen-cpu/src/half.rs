@@ -376,8 +376,8 @@ macro_rules! by_four_heads {
     }};
 }
 
-/// How many rows ahead of the ones in use the row kernels prefetch: a cache's rows are apart
-/// by all its heads, too far for the hardware's prefetcher to follow.
+/// How many rows ahead of the ones in use the sixteen-row kernels prefetch (attention's keys:
+/// 32 rows of a head are 8 KiB at 128 dimensions).
 const PREFETCH_ROWS: usize = 32;
 
 /// Prefetches the 64-byte lines of a row of `k` f16 values into L1.
