@@ -80,12 +80,19 @@ pub struct Chains {
     pub v: *const u16,
     pub stride: usize,
     /// 0: position `j`'s row is row `j`; otherwise the rows are grouped by `j % 64`, each
-    /// group `run` rows: position `j`'s row is `(j % 64)·run + j / 64`.
+    /// group `run` rows ([`value_row`]).
     pub run: usize,
     pub d: usize,
     pub chains: usize,
     pub out: *mut f32,
     pub out_stride: usize,
+}
+
+/// The row of position `j` among values grouped in runs of `run` rows by `j % 64` (ggml's
+/// GEMV chains), or row `j` when `run` is 0: `(j % 64)·run + j / 64`.
+#[inline(always)]
+pub fn value_row(j: usize, run: usize) -> usize {
+    if run == 0 { j } else { (j % 64) * run + j / 64 }
 }
 
 /// A [`Chains`] kernel.
@@ -579,15 +586,9 @@ unsafe fn chains_pass<L: ChainLanes, const H: usize, const D: usize, const C: us
         let mut acc = [[[L::zero(); C]; D]; H];
         let v = a.v.add(dim);
         let x = a.x.add(h0 * a.x_stride);
+        let at = |j: usize| value_row(j, a.run);
         let mut j0 = q;
         while j0 < a.n {
-            let at = |j: usize| {
-                if a.run == 0 {
-                    j
-                } else {
-                    (j % 64) * a.run + j / 64
-                }
-            };
             for c in 0..C {
                 let ahead = if a.run == 0 {
                     at(j0 + AHEAD * a.chains + c)
@@ -1083,7 +1084,7 @@ mod tests {
             let run = n.div_ceil(64) + 1;
             let mut grouped = vec![0u16; 64 * run * stride];
             for j in 0..n {
-                let at = (j % 64) * run + j / 64;
+                let at = value_row(j, run);
                 grouped[at * stride..][..stride].copy_from_slice(&v[j * stride..][..stride]);
             }
             for (chains, (rows, run)) in [16, 64]

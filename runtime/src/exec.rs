@@ -8,7 +8,7 @@
 use crate::pool::{Pool, split};
 use bitnetc_codegen_cpu::act::{QuantFn, select_quant};
 use bitnetc_codegen_cpu::blocks::{BlockDotFn, BlockGemmFn};
-use bitnetc_codegen_cpu::half::{Chains, HalfChainsFn, HalfDots, Rows16};
+use bitnetc_codegen_cpu::half::{Chains, HalfChainsFn, HalfDots, Rows16, value_row};
 use bitnetc_codegen_cpu::jit::JitError;
 use bitnetc_codegen_cpu::lut;
 use bitnetc_codegen_cpu::select::{
@@ -301,7 +301,7 @@ struct KvLayout {
 /// Where the values live in an f16 cache layer grouped in runs ([`KvLayout::runs`]): per KV
 /// head, slices of 32 dimensions (the last one narrower), each slice's rows grouped by
 /// position modulo 64 (ggml's GEMV chains; tinyBLAS's sixteen are four of them each), `run`
-/// rows per group. A pass of the chains kernel over a few chains then reads runs of memory
+/// rows per group ([`value_row`]). A pass of the chains kernel over a few chains then reads runs of memory
 /// instead of a line here and there.
 #[derive(Clone, Copy, Debug)]
 struct ValueRuns {
@@ -329,11 +329,6 @@ impl ValueRuns {
             kvh * self.head() + dim0 * 64 * self.run,
             (self.d - dim0).min(32),
         )
-    }
-
-    /// The row of position `pos` in a slice.
-    fn row(&self, pos: usize) -> usize {
-        (pos % 64) * self.run + pos / 64
     }
 }
 
@@ -1310,7 +1305,7 @@ impl Executor {
                                     let runs = ValueRuns::new(capacity, d);
                                     for dim0 in (0..d).step_by(32) {
                                         let (slice, w) = runs.slice(kvh, dim0);
-                                        let at = slice + runs.row(p as usize) * w;
+                                        let at = slice + value_row(p as usize, runs.run) * w;
                                         vc[at..at + w]
                                             .reinterpret_cast_mut::<f16>()
                                             .convert_from_f32_slice(&vs[src.start + dim0..][..w]);
@@ -2051,7 +2046,7 @@ impl Executor {
                     } else {
                         (unsafe { cache(tok).1.add(kvh * cap * d + dim0) }, d, 0)
                     };
-                    let row = |j: usize| if run > 0 { runs.row(j) } else { j };
+                    let row = |j: usize| value_row(j, run);
                     let i0 = (tok - c0) * h + kvh * group;
                     let x = unsafe { scores.get().add(i0 * stride) };
                     let out = unsafe { o.get().add((tok * h + kvh * group) * d + dim0) };

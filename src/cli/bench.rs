@@ -253,7 +253,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                             session.eval_last(&fill)?;
                         }
                     }
-                    // The trace counts the tests, not the depth's tokens.
+                    // Each configuration's trace counts its tests, not the depth's tokens.
                     model.engine.reset_trace();
                     for &(n_prompt, n_gen) in &tests {
                         let mut samples = Vec::new();
@@ -322,9 +322,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                         }
                         records.push(r);
                     }
+                    if a.trace_kernels {
+                        eprintln!("kernel trace: {t} threads, depth {depth}, {np} sessions");
+                    }
+                    exec.print_trace(&model);
                 }
             }
-            exec.print_trace(&model);
         }
     }
     if a.output == Format::Json {
